@@ -1,0 +1,1 @@
+//! A private, throwaway PostgreSQL cluster for the demo and tests (stub, being written).

@@ -1,0 +1,1 @@
+//! An in-process Wigzo-compatible receiver that records identify calls (stub, being written).
