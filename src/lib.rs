@@ -1,3 +1,18 @@
 //! audience-sync: keeps Wigzo in step with audience membership computed by SQL queries.
+//!
+//! Data path: [`audience`] (definitions) -> [`snapshot`] (capture) -> [`diff`] -> [`outbox`]
+//! -> [`delivery`] -> [`wigzo`] (client). [`sync`] runs that path for one audience.
+pub mod audience;
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod delivery;
+pub mod diff;
 pub mod embedded_pg;
+pub mod outbox;
 pub mod receiver;
+pub mod snapshot;
+pub mod status;
+pub mod sync;
+pub mod telemetry;
+pub mod wigzo;

@@ -1,1 +1,16 @@
-fn main() {}
+//! The `audience-sync` binary: parses the command line and hands over to the library.
+
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = audience_sync::cli::Cli::parse();
+    audience_sync::telemetry::init(cli.log_format, cli.verbose);
+    match audience_sync::cli::run(cli).await {
+        Ok(code) => std::process::ExitCode::from(code as u8),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}

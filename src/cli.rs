@@ -1,0 +1,331 @@
+//! The command line: parses arguments, prepares the database and audiences, runs commands and
+//! prints their results as text or JSON.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::audience::{self, Audience};
+use crate::config::{Config, EnvOverrides};
+use crate::status;
+use crate::sync::{Mode, RunReport, Worker, owner_id};
+use crate::telemetry::LogFormat;
+use crate::wigzo::WigzoClient;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "audience-sync",
+    version,
+    about = "Keeps Wigzo in step with audience membership computed in PostgreSQL"
+)]
+pub struct Cli {
+    /// Config file (default: $AUDIENCE_SYNC_CONFIG, else ./audience-sync.toml if present).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Print machine-readable JSON on stdout.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Log format on stderr.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "AUDIENCE_SYNC_LOG_FORMAT",
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+    /// More detailed logs.
+    #[arg(short, long, global = true)]
+    pub verbose: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Sync audiences now: initial or incremental, as due.
+    Sync(SyncArgs),
+    /// Full resync of one audience: every member again, and `false` for those who left.
+    Resync(ResyncArgs),
+    /// One line per audience: members, last run, pending and failed changes.
+    Status,
+    /// Recent runs with their counts.
+    Runs(RunsArgs),
+    /// Apply database migrations.
+    Migrate,
+    /// Write a commented example config file.
+    Init(InitArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SyncArgs {
+    /// Audience key (repeatable; default: every enabled audience).
+    #[arg(long = "audience", value_name = "KEY")]
+    pub audiences: Vec<String>,
+    /// Compute and show what would be sent; send nothing, change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ResyncArgs {
+    #[arg(long = "audience", value_name = "KEY")]
+    pub audience: String,
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RunsArgs {
+    #[arg(long = "audience", value_name = "KEY")]
+    pub audience: Option<String>,
+    #[arg(long, default_value_t = 20)]
+    pub limit: i64,
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// Where to write it.
+    #[arg(default_value = "audience-sync.toml")]
+    pub path: PathBuf,
+    /// Overwrite an existing file.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// The example config written by `init`.
+pub const EXAMPLE_CONFIG: &str = include_str!("../audience-sync.example.toml");
+
+/// Runs a parsed command line; returns the process exit code.
+pub async fn run(cli: Cli) -> Result<i32> {
+    let env = EnvOverrides::from_env();
+    match &cli.command {
+        Command::Init(args) => {
+            if args.path.exists() && !args.force {
+                bail!(
+                    "{} already exists; pass --force to overwrite it",
+                    args.path.display()
+                );
+            }
+            std::fs::write(&args.path, EXAMPLE_CONFIG)
+                .with_context(|| format!("cannot write {}", args.path.display()))?;
+            println!(
+                "wrote {}; edit it, then run `audience-sync sync --dry-run`",
+                args.path.display()
+            );
+            Ok(0)
+        }
+        Command::Migrate => {
+            let cfg = load_config(&cli, &env)?;
+            let _pool = connect(&cfg).await?;
+            if cli.json {
+                println!("{}", serde_json::json!({"migrated": true}));
+            } else {
+                println!("database is up to date");
+            }
+            Ok(0)
+        }
+        Command::Status => {
+            let cfg = load_config(&cli, &env)?;
+            let (pool, _) = prepare(&cfg).await?;
+            let rows = status::audiences(&pool)
+                .await
+                .context("cannot read status")?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print!("{}", status::render_audiences(&rows));
+            }
+            Ok(0)
+        }
+        Command::Runs(args) => {
+            let cfg = load_config(&cli, &env)?;
+            let (pool, _) = prepare(&cfg).await?;
+            let rows = status::runs(&pool, args.audience.as_deref(), args.limit.clamp(1, 10_000))
+                .await
+                .context("cannot read runs")?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print!("{}", status::render_runs(&rows));
+            }
+            Ok(0)
+        }
+        Command::Sync(args) => {
+            let cfg = load_config(&cli, &env)?;
+            for key in &args.audiences {
+                cfg.audience(key)?;
+            }
+            let (pool, stored) = prepare(&cfg).await?;
+            let chosen: Vec<&Audience> = stored
+                .iter()
+                .filter(|a| {
+                    if args.audiences.is_empty() {
+                        a.def.enabled
+                    } else {
+                        args.audiences.contains(&a.def.key)
+                    }
+                })
+                .collect();
+            if chosen.is_empty() {
+                bail!(
+                    "no enabled audiences to sync; add [[audience]] entries to the config file (see `audience-sync init`)"
+                );
+            }
+            let worker = worker(&cfg, pool)?;
+            let reports = run_all(&worker, &chosen, Mode::Sync, args.dry_run).await;
+            print_reports(&cli, &reports);
+            Ok(exit_code(&reports))
+        }
+        Command::Resync(args) => {
+            let cfg = load_config(&cli, &env)?;
+            cfg.audience(&args.audience)?;
+            let (pool, stored) = prepare(&cfg).await?;
+            let a = stored
+                .iter()
+                .find(|a| a.def.key == args.audience)
+                .expect("validated above");
+            let worker = worker(&cfg, pool)?;
+            let reports = run_all(&worker, &[a], Mode::FullResync, args.dry_run).await;
+            print_reports(&cli, &reports);
+            Ok(exit_code(&reports))
+        }
+    }
+}
+
+fn exit_code(reports: &[RunReport]) -> i32 {
+    if reports.iter().all(RunReport::succeeded) {
+        0
+    } else {
+        1
+    }
+}
+
+/// Loads the config file named by the command line or environment.
+pub fn load_config(cli: &Cli, env: &EnvOverrides) -> Result<Config> {
+    let path = crate::config::locate(cli.config.as_deref());
+    Ok(Config::load(path.as_deref(), env)?)
+}
+
+async fn connect(cfg: &Config) -> Result<sqlx::PgPool> {
+    let pool = crate::db::connect(cfg.database_url()?, cfg.database.max_connections).await?;
+    crate::db::migrate(&pool).await?;
+    Ok(pool)
+}
+
+/// Connects, migrates, checks every audience's query, and stores the definitions. Nothing is
+/// stored unless every audience is valid.
+pub async fn prepare(cfg: &Config) -> Result<(sqlx::PgPool, Vec<Audience>)> {
+    let pool = connect(cfg).await?;
+    check_queries(&pool, cfg).await?;
+    let stored = audience::store_definitions(&pool, &cfg.audiences).await?;
+    Ok((pool, stored))
+}
+
+/// Prepares every enabled audience's query (nothing runs) so a bad query is refused before
+/// any run starts. An unreachable external source is left to its run to report.
+pub async fn check_queries(pool: &sqlx::PgPool, cfg: &Config) -> Result<()> {
+    let mut conn = pool
+        .acquire()
+        .await
+        .context("cannot get a database connection")?;
+    for a in cfg.audiences.iter().filter(|a| a.enabled) {
+        match &a.source_url {
+            None => {
+                audience::inspect_query(&mut conn, &a.key, &a.query).await?;
+            }
+            Some(url) => {
+                let opts = crate::db::options(url)?;
+                match crate::db::dedicated(&opts).await {
+                    Ok(mut src) => {
+                        audience::inspect_query(&mut src, &a.key, &a.query).await?;
+                    }
+                    Err(e) => {
+                        tracing::warn!(audience = %a.key, error = %e, "source database unreachable; its run will fail");
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Builds a worker from the config.
+pub fn worker(cfg: &Config, pool: sqlx::PgPool) -> Result<Worker> {
+    Ok(Worker {
+        connect: crate::db::options(cfg.database_url()?)?,
+        pool,
+        client: WigzoClient::new(&cfg.wigzo)?,
+        wigzo: cfg.wigzo.clone(),
+        statement_timeout: cfg.database.statement_timeout,
+        owner: owner_id(),
+        cancel: CancellationToken::new(),
+    })
+}
+
+/// Runs the audiences one after another (each uses the full concurrency), stopping early on
+/// Ctrl-C.
+pub async fn run_all(
+    worker: &Worker,
+    audiences: &[&Audience],
+    mode: Mode,
+    dry_run: bool,
+) -> Vec<RunReport> {
+    let cancel = worker.cancel.clone();
+    let watcher = tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            tracing::warn!("interrupted: finishing calls in flight, leaving the rest pending");
+            cancel.cancel();
+        }
+    });
+    let mut out = Vec::with_capacity(audiences.len());
+    for a in audiences {
+        if worker.cancel.is_cancelled() {
+            break;
+        }
+        out.push(worker.run(a, mode, dry_run).await);
+    }
+    watcher.abort();
+    out
+}
+
+fn print_reports(cli: &Cli, reports: &[RunReport]) {
+    if cli.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(reports).expect("reports serialize")
+        );
+        return;
+    }
+    for r in reports {
+        let what = if r.dry_run { "would send" } else { "sent" };
+        println!(
+            "{} {} ({}): {}. members={} added={} removed={} {what}={} failed={} skipped_rows={} in {:.1}s",
+            r.audience,
+            r.kind,
+            r.run_id
+                .map(|id| format!("run {id}"))
+                .unwrap_or_else(|| "dry run".into()),
+            r.status,
+            r.members,
+            r.added,
+            r.removed,
+            if r.dry_run {
+                (r.added + r.removed) as u64
+            } else {
+                r.sent
+            },
+            r.failed,
+            r.skipped_rows,
+            r.duration_ms as f64 / 1000.0
+        );
+        if let Some(e) = &r.error {
+            println!("  error: {e}");
+        }
+        for s in &r.sample {
+            println!("  sample: {s}");
+        }
+    }
+}

@@ -1,0 +1,486 @@
+//! Configuration: the TOML file, environment overrides, and validation of everything that can be
+//! checked without a database.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+use crate::audience::{AudienceDef, derive_key, validate_key};
+
+/// Default Wigzo host.
+pub const DEFAULT_BASE_URL: &str = "https://app.wigzo.com";
+/// Default schedule: every three hours, on the hour (UTC).
+pub const DEFAULT_SCHEDULE: &str = "0 0 */3 * * *";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("no database configured: set DATABASE_URL or [database] url in the config file")]
+    NoDatabase,
+    #[error(
+        "no Wigzo organization token configured: set WIGZO_ORG_TOKEN or [wigzo] org_token in the config file"
+    )]
+    NoToken,
+    #[error("invalid setting {setting}: {reason}")]
+    Setting { setting: String, reason: String },
+    #[error("audience {audience:?}: {reason}")]
+    Audience { audience: String, reason: String },
+}
+
+/// The org token: never printed by Debug, Display or serde.
+pub type OrgToken = SecretString;
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    database: RawDatabase,
+    #[serde(default)]
+    wigzo: RawWigzo,
+    #[serde(default)]
+    ops: RawOps,
+    #[serde(default, rename = "audience")]
+    audiences: Vec<RawAudience>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDatabase {
+    url: Option<SecretString>,
+    max_connections: Option<u32>,
+    statement_timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawWigzo {
+    org_token: Option<SecretString>,
+    base_url: Option<String>,
+    requests_per_second: Option<u32>,
+    concurrency: Option<usize>,
+    timeout_secs: Option<u64>,
+    max_attempts: Option<u32>,
+    retry_base_ms: Option<u64>,
+    retry_max_ms: Option<u64>,
+    batch_size: Option<i64>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawOps {
+    listen: Option<String>,
+    trigger_token: Option<SecretString>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudience {
+    name: String,
+    key: Option<String>,
+    schedule: Option<String>,
+    query: String,
+    source_url: Option<SecretString>,
+    enabled: Option<bool>,
+}
+
+/// Everything a command needs, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub database: DatabaseConfig,
+    pub wigzo: WigzoConfig,
+    pub ops: OpsConfig,
+    pub audiences: Vec<AudienceDef>,
+    /// The file it was read from, if any (the daemon re-reads it on SIGHUP).
+    pub path: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DatabaseConfig {
+    pub url: Option<SecretString>,
+    pub max_connections: u32,
+    /// Statement timeout for audience queries.
+    pub statement_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct WigzoConfig {
+    pub org_token: Option<OrgToken>,
+    pub base_url: String,
+    /// 0 turns the client-side rate limit off.
+    pub requests_per_second: u32,
+    pub concurrency: usize,
+    pub timeout: Duration,
+    pub max_attempts: u32,
+    pub retry_base: Duration,
+    pub retry_max: Duration,
+    /// Changes claimed from the outbox at once.
+    pub batch_size: i64,
+}
+
+impl WigzoConfig {
+    /// Defaults for a given destination (tests and the demo use this).
+    pub fn new(base_url: impl Into<String>, org_token: impl Into<String>) -> Self {
+        Self {
+            org_token: Some(SecretString::from(org_token.into())),
+            base_url: base_url.into(),
+            requests_per_second: 50,
+            concurrency: 8,
+            timeout: Duration::from_secs(10),
+            max_attempts: 8,
+            retry_base: Duration::from_millis(500),
+            retry_max: Duration::from_secs(60),
+            batch_size: 500,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct OpsConfig {
+    pub listen: String,
+    pub trigger_token: Option<SecretString>,
+}
+
+/// Where the config file comes from: `--config`, else `$AUDIENCE_SYNC_CONFIG`, else
+/// `./audience-sync.toml` if present, else none (environment only).
+pub fn locate(explicit: Option<&Path>) -> Option<PathBuf> {
+    if let Some(p) = explicit {
+        return Some(p.to_path_buf());
+    }
+    if let Some(p) = std::env::var_os("AUDIENCE_SYNC_CONFIG").filter(|p| !p.is_empty()) {
+        return Some(PathBuf::from(p));
+    }
+    let local = PathBuf::from("audience-sync.toml");
+    local.exists().then_some(local)
+}
+
+/// Environment overrides, read once so tests can pass their own.
+#[derive(Debug, Default, Clone)]
+pub struct EnvOverrides {
+    pub database_url: Option<String>,
+    pub org_token: Option<String>,
+    pub base_url: Option<String>,
+}
+
+impl EnvOverrides {
+    pub fn from_env() -> Self {
+        let get = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        Self {
+            database_url: get("DATABASE_URL"),
+            org_token: get("WIGZO_ORG_TOKEN"),
+            base_url: get("WIGZO_BASE_URL"),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates the file at `path` (if any) with `env` applied on top.
+    pub fn load(path: Option<&Path>, env: &EnvOverrides) -> Result<Self, ConfigError> {
+        let text = match path {
+            Some(p) => std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                path: p.to_path_buf(),
+                source,
+            })?,
+            None => String::new(),
+        };
+        let mut cfg = Self::parse(&text, path.unwrap_or(Path::new("<none>")), env)?;
+        cfg.path = path.map(Path::to_path_buf);
+        Ok(cfg)
+    }
+
+    /// Parses and validates config text.
+    pub fn parse(text: &str, path: &Path, env: &EnvOverrides) -> Result<Self, ConfigError> {
+        let raw: RawFile = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        let setting = |setting: &str, reason: &str| ConfigError::Setting {
+            setting: setting.to_string(),
+            reason: reason.to_string(),
+        };
+
+        let database = DatabaseConfig {
+            url: env
+                .database_url
+                .clone()
+                .map(SecretString::from)
+                .or(raw.database.url),
+            max_connections: raw.database.max_connections.unwrap_or(10),
+            statement_timeout: Duration::from_secs(
+                raw.database.statement_timeout_secs.unwrap_or(300),
+            ),
+        };
+        if database.max_connections < 2 {
+            return Err(setting(
+                "database.max_connections",
+                "must be at least 2 (one run holds a connection while it delivers)",
+            ));
+        }
+        if database.statement_timeout.is_zero() {
+            return Err(setting(
+                "database.statement_timeout_secs",
+                "must be greater than 0",
+            ));
+        }
+
+        let w = raw.wigzo;
+        let base_url = env
+            .base_url
+            .clone()
+            .or(w.base_url)
+            .unwrap_or_else(|| DEFAULT_BASE_URL.to_string());
+        let parsed = reqwest::Url::parse(&base_url)
+            .map_err(|e| setting("wigzo.base_url", &format!("{base_url:?} is not a URL: {e}")))?;
+        if !matches!(parsed.scheme(), "http" | "https") || parsed.query().is_some() {
+            return Err(setting(
+                "wigzo.base_url",
+                "must be an http(s) URL without a query string, e.g. https://app.wigzo.com",
+            ));
+        }
+        let defaults = WigzoConfig::new(String::new(), String::new());
+        let wigzo = WigzoConfig {
+            org_token: env
+                .org_token
+                .clone()
+                .map(SecretString::from)
+                .or(w.org_token)
+                .filter(|t| !t.expose_secret().trim().is_empty()),
+            base_url: base_url.trim_end_matches('/').to_string(),
+            requests_per_second: w
+                .requests_per_second
+                .unwrap_or(defaults.requests_per_second),
+            concurrency: w.concurrency.unwrap_or(defaults.concurrency),
+            timeout: w
+                .timeout_secs
+                .map(Duration::from_secs)
+                .unwrap_or(defaults.timeout),
+            max_attempts: w.max_attempts.unwrap_or(defaults.max_attempts),
+            retry_base: w
+                .retry_base_ms
+                .map(Duration::from_millis)
+                .unwrap_or(defaults.retry_base),
+            retry_max: w
+                .retry_max_ms
+                .map(Duration::from_millis)
+                .unwrap_or(defaults.retry_max),
+            batch_size: w.batch_size.unwrap_or(defaults.batch_size),
+        };
+        if wigzo.concurrency == 0 || wigzo.concurrency > 1024 {
+            return Err(setting("wigzo.concurrency", "must be between 1 and 1024"));
+        }
+        if wigzo.timeout.is_zero() {
+            return Err(setting("wigzo.timeout_secs", "must be greater than 0"));
+        }
+        if wigzo.max_attempts == 0 {
+            return Err(setting("wigzo.max_attempts", "must be at least 1"));
+        }
+        if !(1..=100_000).contains(&wigzo.batch_size) {
+            return Err(setting("wigzo.batch_size", "must be between 1 and 100000"));
+        }
+
+        let ops = OpsConfig {
+            listen: raw.ops.listen.unwrap_or_else(|| "127.0.0.1:9187".into()),
+            trigger_token: raw.ops.trigger_token,
+        };
+
+        let mut audiences: Vec<AudienceDef> = Vec::with_capacity(raw.audiences.len());
+        for a in raw.audiences {
+            let err = |reason: String| ConfigError::Audience {
+                audience: a.name.clone(),
+                reason,
+            };
+            if a.name.trim().is_empty() {
+                return Err(ConfigError::Audience {
+                    audience: a.name.clone(),
+                    reason: "name is empty".into(),
+                });
+            }
+            let key = match &a.key {
+                Some(k) => {
+                    validate_key(k).map_err(|r| err(format!("key {k:?} is not valid: {r}")))?;
+                    k.clone()
+                }
+                None => derive_key(&a.name).map_err(|r| {
+                    err(format!(
+                        "{r}; give the audience an explicit key = \"snake_case_key\""
+                    ))
+                })?,
+            };
+            let schedule = a.schedule.unwrap_or_else(|| DEFAULT_SCHEDULE.to_string());
+            crate::audience::parse_schedule(&schedule).map_err(|e| {
+                err(format!(
+                    "schedule {schedule:?} is not a valid cron expression: {e}"
+                ))
+            })?;
+            let query = a.query.trim().trim_end_matches(';').trim().to_string();
+            if query.is_empty() {
+                return Err(err("query is empty".into()));
+            }
+            if let Some(other) = audiences.iter().find(|o| o.key == key) {
+                return Err(err(format!(
+                    "its key {key:?} is already used by audience {:?}; give one of them an explicit key",
+                    other.name
+                )));
+            }
+            audiences.push(AudienceDef {
+                key,
+                name: a.name.trim().to_string(),
+                schedule,
+                query,
+                source_url: a.source_url,
+                enabled: a.enabled.unwrap_or(true),
+            });
+        }
+
+        Ok(Config {
+            database,
+            wigzo,
+            ops,
+            audiences,
+            path: None,
+        })
+    }
+
+    pub fn database_url(&self) -> Result<&SecretString, ConfigError> {
+        self.database.url.as_ref().ok_or(ConfigError::NoDatabase)
+    }
+
+    pub fn org_token(&self) -> Result<&OrgToken, ConfigError> {
+        self.wigzo.org_token.as_ref().ok_or(ConfigError::NoToken)
+    }
+
+    /// The audience with this key, or an error listing the known keys.
+    pub fn audience(&self, key: &str) -> Result<&AudienceDef, ConfigError> {
+        self.audiences.iter().find(|a| a.key == key).ok_or_else(|| {
+            let known: Vec<&str> = self.audiences.iter().map(|a| a.key.as_str()).collect();
+            ConfigError::Audience {
+                audience: key.to_string(),
+                reason: format!(
+                    "no audience with this key in the config file (known keys: {})",
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.toml"), &EnvOverrides::default())
+    }
+
+    #[test]
+    fn full_example_parses_with_defaults() {
+        let cfg = parse(
+            r#"
+            [database]
+            url = "postgres://localhost/x"
+            [wigzo]
+            org_token = "tok"
+            requests_per_second = 10
+            [[audience]]
+            name = "Order Completed Last 30days"
+            query = "SELECT 1 AS user_id;"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(cfg.audiences[0].key, "order_completed_last_30days");
+        assert_eq!(cfg.audiences[0].query, "SELECT 1 AS user_id");
+        assert_eq!(cfg.audiences[0].schedule, DEFAULT_SCHEDULE);
+        assert_eq!(cfg.wigzo.base_url, DEFAULT_BASE_URL);
+        assert_eq!(cfg.wigzo.requests_per_second, 10);
+        assert_eq!(cfg.wigzo.concurrency, 8);
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let env = EnvOverrides {
+            database_url: Some("postgres://env/db".into()),
+            org_token: Some("envtok".into()),
+            base_url: Some("http://127.0.0.1:1/".into()),
+        };
+        let cfg =
+            Config::parse("[wigzo]\norg_token = \"filetok\"\n", Path::new("t"), &env).unwrap();
+        assert_eq!(cfg.org_token().unwrap().expose_secret(), "envtok");
+        assert_eq!(cfg.wigzo.base_url, "http://127.0.0.1:1");
+        assert_eq!(
+            cfg.database_url().unwrap().expose_secret(),
+            "postgres://env/db"
+        );
+    }
+
+    #[test]
+    fn rejects_bad_input_with_named_reasons() {
+        let cases = [
+            ("[wigzo]\nbogus = 1\n", "unknown field `bogus`"),
+            ("[wigzo]\nconcurrency = \"eight\"\n", "invalid type"),
+            (
+                "[[audience]]\nname = \"🎉🎉\"\nquery = \"select 1 as user_id\"\n",
+                "audience \"🎉🎉\": name has no letters or digits",
+            ),
+            (
+                "[[audience]]\nname = \"A B\"\nquery = \"q\"\n[[audience]]\nname = \"a-b\"\nquery = \"q\"\n",
+                "its key \"a_b\" is already used by audience \"A B\"",
+            ),
+            (
+                "[[audience]]\nname = \"x\"\nkey = \"x'; DROP TABLE t;--\"\nquery = \"q\"\n",
+                "is not valid",
+            ),
+            (
+                "[[audience]]\nname = \"x\"\nschedule = \"every day\"\nquery = \"q\"\n",
+                "not a valid cron expression",
+            ),
+            (
+                "[[audience]]\nname = \"x\"\nquery = \"  ;\"\n",
+                "query is empty",
+            ),
+            ("[wigzo]\nbase_url = \"ftp://x\"\n", "wigzo.base_url"),
+        ];
+        for (text, want) in cases {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(
+                err.contains(want),
+                "config {text:?}: error {err:?} lacks {want:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn empty_file_is_valid_but_has_no_token() {
+        let cfg = parse("").unwrap();
+        assert!(cfg.audiences.is_empty());
+        assert!(
+            cfg.org_token()
+                .unwrap_err()
+                .to_string()
+                .contains("WIGZO_ORG_TOKEN")
+        );
+    }
+
+    #[test]
+    fn debug_output_hides_secrets() {
+        let cfg = parse(
+            "[database]\nurl = \"postgres://u:dbpass@h/db\"\n[wigzo]\norg_token = \"SUPERSECRET\"\n",
+        )
+        .unwrap();
+        let dbg = format!("{cfg:?}");
+        assert!(
+            !dbg.contains("SUPERSECRET") && !dbg.contains("dbpass"),
+            "{dbg}"
+        );
+    }
+}

@@ -1,0 +1,293 @@
+//! Delivery: claims an audience's pending changes in batches, sends them with bounded
+//! concurrency and a rate limit, retries with backoff, and records every result. No database
+//! transaction is open while a call is in flight.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use sqlx::PgPool;
+use tokio::sync::{Mutex, Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::WigzoConfig;
+use crate::outbox::{self, Change, Confirmed, NotConfirmed};
+use crate::wigzo::{Outcome, WigzoClient, backoff, identify_payload};
+
+/// Longest wait honoured from one `Retry-After` (longer asks are capped at this).
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+/// A change throttled (429) this many times in one run gives up until the next run.
+pub const MAX_THROTTLED: u32 = 50;
+/// Results written to the database at once.
+const RECORD_BATCH: usize = 500;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    #[error("database error during delivery: {0}")]
+    Db(#[from] sqlx::Error),
+}
+
+/// What a delivery pass did.
+#[derive(Debug, Clone, Default)]
+pub struct DeliveryReport {
+    pub sent: u64,
+    /// Changes rejected (4xx) or out of retries in this run.
+    pub failed: u64,
+    pub rejected: u64,
+    /// HTTP retries made (429s included).
+    pub retried: u64,
+    /// Set when Wigzo refused the organization token (401/403).
+    pub unauthorized: Option<u16>,
+    /// The last error seen on a change that was not confirmed.
+    pub last_error: Option<String>,
+    pub cancelled: bool,
+}
+
+/// Who the audience is, for the payload.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub audience_id: i64,
+    pub key: String,
+}
+
+enum Result1 {
+    Confirmed(Confirmed),
+    NotConfirmed(NotConfirmed, bool),
+}
+
+/// Delivers every pending change of one audience. Returns when none is left to claim, or when
+/// `cancel` fires (then in-flight calls finish and the rest stays pending).
+pub async fn deliver(
+    pool: &PgPool,
+    client: &WigzoClient,
+    cfg: &WigzoConfig,
+    target: &Target,
+    owner: &str,
+    cancel: &CancellationToken,
+) -> Result<DeliveryReport, DeliveryError> {
+    let stop = cancel.child_token();
+    let limiter: Option<Arc<DefaultDirectRateLimiter>> = NonZeroU32::new(cfg.requests_per_second)
+        .map(|rps| Arc::new(RateLimiter::direct(Quota::per_second(rps))));
+    let in_flight = Arc::new(Semaphore::new(cfg.concurrency));
+    // Changes held in memory at once (sending or waiting to retry): bounded.
+    let outstanding = Arc::new(Semaphore::new(
+        (cfg.batch_size as usize * 2).max(cfg.concurrency),
+    ));
+    let not_before = Arc::new(Mutex::new(Instant::now()));
+    let (res_tx, mut res_rx) = mpsc::channel::<Result1>(RECORD_BATCH * 2);
+
+    // Recorder: writes results in batches while calls go on.
+    let rec_pool = pool.clone();
+    let rec_owner = owner.to_string();
+    let recorder = tokio::spawn(async move {
+        let mut report = DeliveryReport::default();
+        let mut buf = Vec::with_capacity(RECORD_BATCH);
+        loop {
+            let n = res_rx.recv_many(&mut buf, RECORD_BATCH).await;
+            if n == 0 {
+                break;
+            }
+            let mut ok = Vec::new();
+            let mut bad = Vec::new();
+            for r in buf.drain(..) {
+                match r {
+                    Result1::Confirmed(c) => {
+                        report.retried += c.extra_attempts as u64;
+                        ok.push(c)
+                    }
+                    Result1::NotConfirmed(nc, counts) => {
+                        report.retried += nc.extra_attempts as u64;
+                        if counts {
+                            report.failed += 1;
+                            if nc.status == "rejected" {
+                                report.rejected += 1;
+                            }
+                        }
+                        if nc.error.is_some() {
+                            report.last_error.clone_from(&nc.error);
+                        }
+                        bad.push(nc)
+                    }
+                }
+            }
+            report.sent += outbox::confirm(&rec_pool, &rec_owner, &ok).await?;
+            outbox::record_failures(&rec_pool, &rec_owner, &bad).await?;
+        }
+        Ok::<_, sqlx::Error>(report)
+    });
+
+    let mut tasks = tokio::task::JoinSet::new();
+    let unauthorized = Arc::new(std::sync::Mutex::new(None::<u16>));
+    let mut progress = Instant::now();
+    let mut claimed_total = 0u64;
+    let claim_result: Result<(), sqlx::Error> = async {
+        while !stop.is_cancelled() {
+            let batch = outbox::claim(pool, target.audience_id, owner, cfg.batch_size).await?;
+            if batch.is_empty() {
+                break;
+            }
+            claimed_total += batch.len() as u64;
+            for change in batch {
+                let permit = tokio::select! {
+                    p = outstanding.clone().acquire_owned() => p.expect("semaphore open"),
+                    _ = stop.cancelled() => break,
+                };
+                let ctx = SendCtx {
+                    client: client.clone(),
+                    limiter: limiter.clone(),
+                    in_flight: in_flight.clone(),
+                    not_before: not_before.clone(),
+                    stop: stop.clone(),
+                    max_attempts: cfg.max_attempts,
+                    retry_base: cfg.retry_base,
+                    retry_max: cfg.retry_max,
+                    unauthorized: unauthorized.clone(),
+                };
+                let tx = res_tx.clone();
+                let target = target.clone();
+                tasks.spawn(async move {
+                    let r = send_one(&ctx, &target, change).await;
+                    let _ = tx.send(r).await;
+                    drop(permit);
+                });
+                // Reap finished tasks so the set stays small.
+                while tasks.try_join_next().is_some() {}
+            }
+            if progress.elapsed() > Duration::from_secs(10) {
+                tracing::info!(audience = %target.key, claimed = claimed_total, "delivery progress");
+                progress = Instant::now();
+            }
+        }
+        Ok(())
+    }
+    .await;
+    while tasks.join_next().await.is_some() {}
+    drop(res_tx);
+    let mut report = recorder.await.expect("recorder task panicked")?;
+    claim_result?;
+    outbox::release(pool, target.audience_id, owner).await?;
+    report.unauthorized = *unauthorized.lock().expect("lock");
+    report.cancelled = cancel.is_cancelled();
+    Ok(report)
+}
+
+struct SendCtx {
+    client: WigzoClient,
+    limiter: Option<Arc<DefaultDirectRateLimiter>>,
+    in_flight: Arc<Semaphore>,
+    not_before: Arc<Mutex<Instant>>,
+    stop: CancellationToken,
+    max_attempts: u32,
+    retry_base: Duration,
+    retry_max: Duration,
+    unauthorized: Arc<std::sync::Mutex<Option<u16>>>,
+}
+
+/// Sends one change until it is confirmed, rejected, out of attempts, or the run stops.
+async fn send_one(ctx: &SendCtx, target: &Target, change: Change) -> Result1 {
+    let body = identify_payload(target.audience_id, &target.key, &change);
+    let mut tries: i32 = 0;
+    let mut failures: u32 = 0;
+    let mut throttles: u32 = 0;
+    let not_confirmed =
+        |status, tries: i32, code: Option<u16>, error: Option<String>| NotConfirmed {
+            id: change.id,
+            status,
+            extra_attempts: (tries - 1).max(0),
+            last_status: code.map(i32::from),
+            error,
+        };
+    loop {
+        if ctx.stop.is_cancelled() {
+            return Result1::NotConfirmed(not_confirmed("pending", tries, None, None), false);
+        }
+        let wait_until = *ctx.not_before.lock().await;
+        if wait_until > Instant::now() {
+            tokio::select! {
+                _ = tokio::time::sleep_until(wait_until.into()) => {}
+                _ = ctx.stop.cancelled() => continue,
+            }
+        }
+        if let Some(l) = &ctx.limiter {
+            l.until_ready().await;
+        }
+        let outcome = {
+            let _permit = ctx.in_flight.acquire().await.expect("semaphore open");
+            // The run may have stopped (e.g. token refused) while this call waited its turn.
+            if ctx.stop.is_cancelled() {
+                continue;
+            }
+            tries += 1;
+            ctx.client.send(&body).await
+        };
+        let (code, error, wait) = match outcome {
+            Outcome::Confirmed { .. } => {
+                return Result1::Confirmed(Confirmed {
+                    id: change.id,
+                    message_id: change.message_id,
+                    extra_attempts: tries - 1,
+                });
+            }
+            Outcome::Rejected { status, error } => {
+                tracing::warn!(audience = %target.key, user_id = %change.user_id, status, error = %error, "Wigzo rejected a change");
+                return Result1::NotConfirmed(
+                    not_confirmed("rejected", tries, Some(status), Some(error)),
+                    true,
+                );
+            }
+            Outcome::Unauthorized { status } => {
+                *ctx.unauthorized.lock().expect("lock") = Some(status);
+                ctx.stop.cancel();
+                let error = format!("HTTP {status}: the organization token was refused");
+                return Result1::NotConfirmed(
+                    not_confirmed("pending", tries, Some(status), Some(error)),
+                    false,
+                );
+            }
+            Outcome::Retry {
+                status,
+                error,
+                retry_after,
+                throttled,
+            } => {
+                let wait = if throttled {
+                    throttles += 1;
+                    if throttles > MAX_THROTTLED {
+                        return Result1::NotConfirmed(
+                            not_confirmed("failed", tries, status, Some(error)),
+                            true,
+                        );
+                    }
+                    let wait = retry_after
+                        .unwrap_or_else(|| backoff(throttles - 1, ctx.retry_base, ctx.retry_max))
+                        .min(MAX_RETRY_AFTER);
+                    // Everyone pauses: the destination asked us to slow down.
+                    let mut nb = ctx.not_before.lock().await;
+                    *nb = (*nb).max(Instant::now() + wait);
+                    wait
+                } else {
+                    failures += 1;
+                    if failures >= ctx.max_attempts {
+                        tracing::warn!(audience = %target.key, user_id = %change.user_id, error = %error, attempts = tries, "change out of retries for this run");
+                        return Result1::NotConfirmed(
+                            not_confirmed("failed", tries, status, Some(error)),
+                            true,
+                        );
+                    }
+                    retry_after
+                        .unwrap_or_else(|| backoff(failures - 1, ctx.retry_base, ctx.retry_max))
+                        .min(MAX_RETRY_AFTER)
+                };
+                (status, error, wait)
+            }
+        };
+        tracing::debug!(audience = %target.key, user_id = %change.user_id, status = ?code, error = %error, wait_ms = wait.as_millis() as u64, "retrying call");
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = ctx.stop.cancelled() => {
+                return Result1::NotConfirmed(not_confirmed("pending", tries, code, Some(error)), false);
+            }
+        }
+    }
+}

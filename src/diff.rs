@@ -1,0 +1,129 @@
+//! Diff: compares the captured snapshot with the confirmed state inside Postgres and writes the
+//! changes to the outbox (or previews them for a dry run).
+
+// The SQL below is built from constants only; values are bound parameters.
+use sqlx::{AssertSqlSafe, PgConnection, Row};
+
+use crate::outbox::Change;
+
+/// The set of changes, as SQL over the capture table and `synced_members`.
+/// $1 = audience id, $2 = full resync (send every member, not only those who entered).
+///
+/// Besides real changes it re-asserts users whose previous change was attempted but never
+/// confirmed: Wigzo may have applied it, so the current value is sent again (a failed removal
+/// must not hide a re-add).
+const DIFF: &str = "
+    diff AS (
+        SELECT c.user_id, true AS member, c.email, c.phone, c.name,
+               COALESCE(s.version, 0) + 1 AS target_version
+          FROM pg_temp.audience_capture c
+          LEFT JOIN synced_members s ON s.audience_id = $1 AND s.user_id = c.user_id
+          LEFT JOIN outbox o ON o.audience_id = $1 AND o.user_id = c.user_id
+         WHERE $2 OR s.member IS NOT TRUE OR o.attempts > 0
+        UNION ALL
+        SELECT u.user_id, false, u.email, u.phone, u.name, u.version + 1
+          FROM (
+                SELECT s.user_id, s.email, s.phone, s.name, s.version
+                  FROM synced_members s
+                 WHERE s.audience_id = $1 AND s.member
+                UNION ALL
+                SELECT o.user_id, COALESCE(s.email, o.email), COALESCE(s.phone, o.phone),
+                       COALESCE(s.name, o.name), COALESCE(s.version, 0)
+                  FROM outbox o
+                  LEFT JOIN synced_members s ON s.audience_id = $1 AND s.user_id = o.user_id
+                 WHERE o.audience_id = $1 AND o.attempts > 0 AND s.member IS NOT TRUE
+               ) u
+         WHERE NOT EXISTS (SELECT 1 FROM pg_temp.audience_capture c WHERE c.user_id = u.user_id)
+    )";
+
+/// The deterministic message id of a change, in SQL.
+const MESSAGE_ID: &str =
+    "md5($1::text || ':' || user_id || ':' || target_version || ':' || member)::uuid";
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DiffCounts {
+    pub added: i64,
+    pub removed: i64,
+}
+
+/// Writes this run's changes to the outbox in one transaction: new changes are inserted, a
+/// stale pending change for the same user is replaced (keeping its attempts and message id if
+/// it is the same change), and changes the diff no longer contains are deleted.
+pub async fn write_outbox(
+    conn: &mut PgConnection,
+    audience_id: i64,
+    run_id: i64,
+    full: bool,
+) -> Result<DiffCounts, sqlx::Error> {
+    use sqlx::Connection;
+    let mut tx = conn.begin().await?;
+    let row = sqlx::query(AssertSqlSafe(format!(
+        "WITH {DIFF},
+         ins AS (
+            INSERT INTO outbox (audience_id, user_id, member, email, phone, name,
+                                message_id, target_version, run_id)
+            SELECT $1, user_id, member, email, phone, name, {MESSAGE_ID}, target_version, $3
+              FROM diff
+            ON CONFLICT (audience_id, user_id) DO UPDATE SET
+                member = EXCLUDED.member, email = EXCLUDED.email, phone = EXCLUDED.phone,
+                name = EXCLUDED.name, target_version = EXCLUDED.target_version,
+                run_id = EXCLUDED.run_id, status = 'pending', next_attempt_at = now(),
+                lease_owner = NULL, lease_until = NULL,
+                message_id = EXCLUDED.message_id,
+                attempts = CASE WHEN outbox.message_id = EXCLUDED.message_id
+                                THEN outbox.attempts ELSE 0 END,
+                created_at = CASE WHEN outbox.message_id = EXCLUDED.message_id
+                                  THEN outbox.created_at ELSE now() END
+            RETURNING member)
+         SELECT count(*) FILTER (WHERE member), count(*) FILTER (WHERE NOT member) FROM ins"
+    )))
+    .bind(audience_id)
+    .bind(full)
+    .bind(run_id)
+    .fetch_one(&mut *tx)
+    .await?;
+    sqlx::query("DELETE FROM outbox WHERE audience_id = $1 AND run_id <> $2")
+        .bind(audience_id)
+        .bind(run_id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(DiffCounts {
+        added: row.get(0),
+        removed: row.get(1),
+    })
+}
+
+/// Counts the changes and returns a few of them, writing nothing (dry run).
+pub async fn preview(
+    conn: &mut PgConnection,
+    audience_id: i64,
+    full: bool,
+    sample: i64,
+) -> Result<(DiffCounts, Vec<Change>), sqlx::Error> {
+    let row = sqlx::query(AssertSqlSafe(format!(
+        "WITH {DIFF} SELECT count(*) FILTER (WHERE member), count(*) FILTER (WHERE NOT member) FROM diff"
+    )))
+    .bind(audience_id)
+    .bind(full)
+    .fetch_one(&mut *conn)
+    .await?;
+    let changes = sqlx::query_as::<_, Change>(AssertSqlSafe(format!(
+        "WITH {DIFF}
+         SELECT 0::bigint AS id, user_id, member, email, phone, name, {MESSAGE_ID} AS message_id,
+                now() AS detected_at
+           FROM diff ORDER BY member DESC, user_id LIMIT $3"
+    )))
+    .bind(audience_id)
+    .bind(full)
+    .bind(sample)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok((
+        DiffCounts {
+            added: row.get(0),
+            removed: row.get(1),
+        },
+        changes,
+    ))
+}

@@ -1,0 +1,307 @@
+//! A sync run of one audience, start to finish: take the audience's lock, record the run,
+//! capture, diff into the outbox, deliver, and record the outcome.
+
+use std::time::Instant;
+
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::PgPool;
+use sqlx::postgres::PgConnectOptions;
+use tokio_util::sync::CancellationToken;
+
+use crate::audience::{Audience, db_message};
+use crate::config::WigzoConfig;
+use crate::delivery::{self, Target};
+use crate::diff;
+use crate::snapshot;
+use crate::wigzo::{WigzoClient, identify_payload};
+
+/// First key of the two-key advisory lock that makes runs of one audience exclusive.
+const LOCK_CLASS: i32 = 0x4153_4e43;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Initial or incremental, as due.
+    Sync,
+    /// Re-send every member, and `false` for confirmed members who left.
+    FullResync,
+}
+
+/// What the worker needs to run syncs.
+#[derive(Clone)]
+pub struct Worker {
+    pub pool: PgPool,
+    /// For the dedicated connection each run holds (its lock and capture table).
+    pub connect: PgConnectOptions,
+    pub client: WigzoClient,
+    pub wigzo: WigzoConfig,
+    pub statement_timeout: std::time::Duration,
+    /// Identifies this process in runs and leases.
+    pub owner: String,
+    pub cancel: CancellationToken,
+}
+
+/// One run's outcome: what `sync --json` prints.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    pub audience: String,
+    pub run_id: Option<i64>,
+    pub kind: &'static str,
+    pub status: &'static str,
+    pub dry_run: bool,
+    pub members: i64,
+    pub added: i64,
+    pub removed: i64,
+    pub sent: u64,
+    pub failed: u64,
+    pub retried: u64,
+    pub skipped_rows: i64,
+    pub duration_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sample: Vec<Value>,
+}
+
+impl RunReport {
+    pub fn succeeded(&self) -> bool {
+        self.status == "succeeded"
+    }
+}
+
+/// A name for this process: host and pid.
+pub fn owner_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    format!(
+        "{host}:{}:{}",
+        std::process::id(),
+        &uuid::Uuid::new_v4().to_string()[..8]
+    )
+}
+
+impl Worker {
+    /// Runs one audience. Failures of the run are in the report (status `failed`); an `Err`
+    /// is only returned when the run could not even be recorded.
+    pub async fn run(&self, audience: &Audience, mode: Mode, dry_run: bool) -> RunReport {
+        let started = Instant::now();
+        let mut report = RunReport {
+            audience: audience.def.key.clone(),
+            run_id: None,
+            kind: if mode == Mode::FullResync {
+                "full_resync"
+            } else {
+                "incremental"
+            },
+            status: "failed",
+            dry_run,
+            members: 0,
+            added: 0,
+            removed: 0,
+            sent: 0,
+            failed: 0,
+            retried: 0,
+            skipped_rows: 0,
+            duration_ms: 0,
+            error: None,
+            sample: Vec::new(),
+        };
+        if let Err(e) = self.run_inner(audience, mode, dry_run, &mut report).await {
+            report.status = "failed";
+            report.error = Some(e);
+        }
+        report.duration_ms = started.elapsed().as_millis() as u64;
+        if let Some(run_id) = report.run_id {
+            let saved = sqlx::query(
+                "UPDATE runs SET status = $2, finished_at = now(), members = $3, added = $4,
+                        removed = $5, sent = $6, failed = $7, retried = $8, skipped_rows = $9,
+                        error = $10
+                  WHERE id = $1",
+            )
+            .bind(run_id)
+            .bind(report.status)
+            .bind(report.members)
+            .bind(report.added)
+            .bind(report.removed)
+            .bind(report.sent as i64)
+            .bind(report.failed as i64)
+            .bind(report.retried as i64)
+            .bind(report.skipped_rows)
+            .bind(&report.error)
+            .execute(&self.pool)
+            .await;
+            if let Err(e) = saved {
+                tracing::error!(run_id, error = %e, "cannot record the end of a run; the next run of this audience will mark it abandoned");
+            }
+        }
+        if report.succeeded() {
+            tracing::info!(audience = %report.audience, run_id = ?report.run_id, kind = report.kind, members = report.members, added = report.added, removed = report.removed, sent = report.sent, duration_ms = report.duration_ms, dry_run, "run succeeded");
+        } else {
+            tracing::warn!(audience = %report.audience, run_id = ?report.run_id, kind = report.kind, sent = report.sent, failed = report.failed, error = report.error.as_deref().unwrap_or(""), "run failed");
+        }
+        report
+    }
+
+    async fn run_inner(
+        &self,
+        audience: &Audience,
+        mode: Mode,
+        dry_run: bool,
+        report: &mut RunReport,
+    ) -> Result<(), String> {
+        let key = &audience.def.key;
+        let mut conn = crate::db::dedicated(&self.connect)
+            .await
+            .map_err(|e| e.to_string())?;
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2::int)")
+            .bind(LOCK_CLASS)
+            .bind(audience.id as i32)
+            .fetch_one(&mut conn)
+            .await
+            .map_err(|e| db_message(&e))?;
+        if !locked {
+            let holder: Option<String> = sqlx::query_scalar(
+                "SELECT owner FROM runs WHERE audience_id = $1 AND status = 'running'
+                  ORDER BY id DESC LIMIT 1",
+            )
+            .bind(audience.id)
+            .fetch_optional(&self.pool)
+            .await
+            .ok()
+            .flatten();
+            return Err(format!(
+                "audience {key:?} is already being synced by another process{}; nothing was sent by this one",
+                holder.map(|h| format!(" ({h})")).unwrap_or_default()
+            ));
+        }
+        // We hold the lock, so any run still marked running lost its owner.
+        sqlx::query(
+            "UPDATE runs SET status = 'abandoned', finished_at = now(),
+                    error = COALESCE(error, 'the process running it stopped before it finished')
+              WHERE audience_id = $1 AND status = 'running'",
+        )
+        .bind(audience.id)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| db_message(&e))?;
+
+        if mode == Mode::Sync {
+            let initial: bool = sqlx::query_scalar(
+                "SELECT NOT EXISTS (SELECT 1 FROM runs WHERE audience_id = $1 AND status = 'succeeded')
+                    AND NOT EXISTS (SELECT 1 FROM synced_members WHERE audience_id = $1)",
+            )
+            .bind(audience.id)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| db_message(&e))?;
+            report.kind = if initial { "initial" } else { "incremental" };
+        }
+        if !dry_run {
+            let run_id: i64 = sqlx::query_scalar(
+                "INSERT INTO runs (audience_id, kind, status, owner) VALUES ($1, $2, 'running', $3)
+                 RETURNING id",
+            )
+            .bind(audience.id)
+            .bind(report.kind)
+            .bind(&self.owner)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| db_message(&e))?;
+            report.run_id = Some(run_id);
+        }
+        tracing::info!(audience = %key, run_id = ?report.run_id, kind = report.kind, dry_run, "run started");
+
+        let captured = snapshot::capture(
+            &mut conn,
+            key,
+            &audience.def.query,
+            audience.def.source_url.as_ref(),
+            self.statement_timeout,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        report.members = captured.members;
+        report.skipped_rows = captured.skipped_rows;
+        if captured.skipped_rows > 0 {
+            tracing::warn!(audience = %key, skipped_rows = captured.skipped_rows, "rows with an empty, NULL or over-long user_id were skipped");
+        }
+        let full = mode == Mode::FullResync;
+
+        let Some(run_id) = report.run_id else {
+            let (counts, sample) = diff::preview(&mut conn, audience.id, full, 3)
+                .await
+                .map_err(|e| db_message(&e))?;
+            report.added = counts.added;
+            report.removed = counts.removed;
+            report.sample = sample
+                .iter()
+                .map(|c| identify_payload(audience.id, key, c))
+                .collect();
+            report.status = "succeeded";
+            return Ok(());
+        };
+        let counts = diff::write_outbox(&mut conn, audience.id, run_id, full)
+            .await
+            .map_err(|e| format!("cannot write the diff to the outbox: {}", db_message(&e)))?;
+        report.added = counts.added;
+        report.removed = counts.removed;
+        sqlx::query(
+            "UPDATE runs SET members = $2, added = $3, removed = $4, skipped_rows = $5 WHERE id = $1",
+        )
+        .bind(run_id)
+        .bind(report.members)
+        .bind(report.added)
+        .bind(report.removed)
+        .bind(report.skipped_rows)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| db_message(&e))?;
+        // The capture is no longer needed; free it before a long delivery.
+        let _ = sqlx::query("DROP TABLE IF EXISTS pg_temp.audience_capture")
+            .execute(&mut conn)
+            .await;
+
+        let target = Target {
+            audience_id: audience.id,
+            key: key.clone(),
+        };
+        let d = delivery::deliver(
+            &self.pool,
+            &self.client,
+            &self.wigzo,
+            &target,
+            &self.owner,
+            &self.cancel,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        report.sent = d.sent;
+        report.failed = d.failed;
+        report.retried = d.retried;
+        // The lock connection closes here (drop), releasing the audience.
+        drop(conn);
+
+        if let Some(status) = d.unauthorized {
+            return Err(format!(
+                "Wigzo refused the organization token (HTTP {status}); check WIGZO_ORG_TOKEN / [wigzo] org_token. Nothing unconfirmed was lost: {} changes stay pending",
+                (report.added + report.removed) as u64 - d.sent
+            ));
+        }
+        if d.cancelled {
+            return Err("run was interrupted; unsent changes stay pending for the next run".into());
+        }
+        if d.failed > 0 {
+            return Err(format!(
+                "{} of {} changes were not delivered ({} rejected by Wigzo, {} out of retries; last error: {}); they stay in the outbox and are retried by the next run",
+                d.failed,
+                report.added + report.removed,
+                d.rejected,
+                d.failed - d.rejected,
+                d.last_error.as_deref().unwrap_or("none")
+            ));
+        }
+        report.status = "succeeded";
+        Ok(())
+    }
+}

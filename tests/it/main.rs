@@ -1,0 +1,7 @@
+//! Integration tests: one binary, real PostgreSQL (a fresh database per test via
+//! `#[sqlx::test]`), and a local wiremock server standing in for Wigzo.
+mod support;
+
+mod bad_input;
+mod delivery;
+mod sync;

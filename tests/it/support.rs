@@ -1,0 +1,150 @@
+//! Shared fixtures: a seeded source table, audiences, a worker pointed at a mock Wigzo, and
+//! readers for what the mock received.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use audience_sync::audience::{Audience, AudienceDef, store_definitions};
+use audience_sync::config::WigzoConfig;
+use audience_sync::sync::{Mode, RunReport, Worker};
+use audience_sync::wigzo::WigzoClient;
+use serde_json::Value;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+pub const TOKEN: &str = "org-TOKEN-s3cr3t-42";
+pub const KEY: &str = "order_completed_last_30days";
+
+/// Creates `shop_users(id, email, phone, member)` with users 1..=n, members where `id <= m`.
+pub async fn seed(pool: &PgPool, n: i64, m: i64) {
+    sqlx::query(
+        "CREATE TABLE shop_users (id bigint PRIMARY KEY, email text, phone text, member bool NOT NULL)",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO shop_users SELECT i, 'u' || i || '@example.com', '+1555' || i, i <= $2
+           FROM generate_series(1, $1) i",
+    )
+    .bind(n)
+    .bind(m)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+pub async fn set_members(pool: &PgPool, ids: &[i64], member: bool) {
+    sqlx::query("UPDATE shop_users SET member = $2 WHERE id = ANY($1)")
+        .bind(ids)
+        .bind(member)
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+pub fn def(name: &str, query: &str) -> AudienceDef {
+    AudienceDef {
+        key: audience_sync::audience::derive_key(name).unwrap(),
+        name: name.into(),
+        schedule: "0 0 */3 * * *".into(),
+        query: query.into(),
+        source_url: None,
+        enabled: true,
+    }
+}
+
+pub const MEMBERS_QUERY: &str = "SELECT id AS user_id, email, phone FROM shop_users WHERE member";
+
+/// The standard audience over `shop_users`.
+pub async fn audience(pool: &PgPool) -> Audience {
+    store_definitions(pool, &[def("Order Completed Last 30days", MEMBERS_QUERY)])
+        .await
+        .unwrap()
+        .remove(0)
+}
+
+pub fn wigzo_config(base_url: &str) -> WigzoConfig {
+    let mut w = WigzoConfig::new(base_url, TOKEN);
+    w.requests_per_second = 0;
+    w.retry_base = Duration::from_millis(10);
+    w.retry_max = Duration::from_millis(50);
+    w.timeout = Duration::from_secs(5);
+    w.batch_size = 100;
+    w
+}
+
+pub fn worker_with(pool: &PgPool, w: WigzoConfig) -> Worker {
+    Worker {
+        pool: pool.clone(),
+        connect: (*pool.connect_options()).clone(),
+        client: WigzoClient::new(&w).unwrap(),
+        wigzo: w,
+        statement_timeout: Duration::from_secs(5),
+        owner: audience_sync::sync::owner_id(),
+        cancel: CancellationToken::new(),
+    }
+}
+
+pub fn worker(pool: &PgPool, server: &MockServer) -> Worker {
+    worker_with(pool, wigzo_config(&server.uri()))
+}
+
+/// A mock Wigzo that answers 200 to every identify call.
+pub async fn wigzo_ok() -> MockServer {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/rest/v1/learn/identify"))
+        .respond_with(ResponseTemplate::new(200).set_body_string(r#"{"status":"success"}"#))
+        .mount(&server)
+        .await;
+    server
+}
+
+pub async fn sync(w: &Worker, a: &Audience) -> RunReport {
+    w.run(a, Mode::Sync, false).await
+}
+
+/// Bodies of every identify call received, in arrival order.
+pub async fn calls(server: &MockServer) -> Vec<Value> {
+    server
+        .received_requests()
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| serde_json::from_slice(&r.body).unwrap())
+        .collect()
+}
+
+/// Calls received as user id -> trait value (the last call per user wins).
+pub async fn last_values(server: &MockServer, key: &str) -> HashMap<String, bool> {
+    calls(server)
+        .await
+        .iter()
+        .map(|c| {
+            (
+                c["userId"].as_str().unwrap().to_string(),
+                c["traits"][key].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
+pub fn ids(range: std::ops::RangeInclusive<i64>) -> Vec<String> {
+    range.map(|i| i.to_string()).collect()
+}
+
+pub fn sorted_users(calls: &[Value]) -> Vec<String> {
+    let mut v: Vec<String> = calls
+        .iter()
+        .map(|c| c["userId"].as_str().unwrap().to_string())
+        .collect();
+    v.sort_by_key(|s| s.parse::<i64>().unwrap_or(i64::MAX));
+    v
+}
+
+pub async fn scalar(pool: &PgPool, sql: &'static str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
