@@ -1,0 +1,156 @@
+//! The binary as operators use it: exit codes, JSON output, and the token kept out of every
+//! byte it prints, at every log level.
+
+use std::process::Command;
+
+use crate::support::*;
+use sqlx::PgPool;
+use wiremock::matchers::method;
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+/// The URL of the test's own database.
+fn db_url(pool: &PgPool) -> String {
+    let base = std::env::var("DATABASE_URL").expect("DATABASE_URL");
+    let db = pool.connect_options().get_database().unwrap().to_string();
+    let mut url = reqwest::Url::parse(&base).unwrap();
+    url.set_path(&db);
+    url.to_string()
+}
+
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn run(pool: &PgPool, config: &str, wigzo: &str, args: &[&str]) -> Out {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audience-sync.toml");
+    std::fs::write(&path, config).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_audience-sync"))
+        .arg("--config")
+        .arg(&path)
+        .args(args)
+        .env("DATABASE_URL", db_url(pool))
+        .env("WIGZO_ORG_TOKEN", TOKEN)
+        .env("WIGZO_BASE_URL", wigzo)
+        .env("RUST_LOG", "trace")
+        .output()
+        .unwrap();
+    let o = Out {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    assert!(
+        !o.stdout.contains(TOKEN) && !o.stderr.contains(TOKEN),
+        "the org token leaked into the output of {args:?}:\n{}\n{}",
+        o.stdout,
+        o.stderr
+    );
+    o
+}
+
+const CONFIG: &str = r#"
+[wigzo]
+retry_base_ms = 10
+retry_max_ms = 20
+max_attempts = 2
+
+[[audience]]
+name = "Order Completed Last 30days"
+query = "SELECT id AS user_id, email, phone FROM shop_users WHERE member"
+"#;
+
+#[sqlx::test]
+async fn sync_json_status_and_runs_work_and_never_print_the_token(pool: PgPool) {
+    seed(&pool, 10, 4).await;
+    let server = wigzo_ok().await;
+    let o = run(&pool, CONFIG, &server.uri(), &["sync", "--json"]);
+    assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    let r = &v[0];
+    assert_eq!(r["audience"], KEY);
+    assert_eq!(r["kind"], "initial");
+    assert_eq!(r["status"], "succeeded");
+    for (field, want) in [
+        ("members", 4),
+        ("added", 4),
+        ("removed", 0),
+        ("sent", 4),
+        ("failed", 0),
+        ("skipped_rows", 0),
+    ] {
+        assert_eq!(r[field], want, "{field}");
+    }
+    assert!(r["run_id"].is_i64());
+    assert_eq!(calls(&server).await.len(), 4);
+
+    let o = run(&pool, CONFIG, &server.uri(), &["status"]);
+    assert_eq!(o.code, 0);
+    assert!(
+        o.stdout.contains("KEY") && o.stdout.contains(KEY),
+        "{}",
+        o.stdout
+    );
+    let o = run(&pool, CONFIG, &server.uri(), &["runs", "--json"]);
+    let runs: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(runs[0]["sent"], 4);
+}
+
+#[sqlx::test]
+async fn a_refused_token_or_unreachable_wigzo_exits_non_zero_without_the_token(pool: PgPool) {
+    seed(&pool, 10, 4).await;
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(403))
+        .mount(&server)
+        .await;
+    let o = run(&pool, CONFIG, &server.uri(), &["sync", "--json"]);
+    assert_eq!(o.code, 1);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    assert!(
+        v[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("refused the organization token")
+    );
+
+    let o = run(&pool, CONFIG, "http://127.0.0.1:9", &["sync"]);
+    assert_eq!(o.code, 1);
+    assert!(o.stdout.contains("connection failed"), "{}", o.stdout);
+}
+
+#[sqlx::test]
+async fn a_bad_config_is_refused_and_changes_nothing_stored(pool: PgPool) {
+    seed(&pool, 10, 4).await;
+    let server = wigzo_ok().await;
+    assert_eq!(run(&pool, CONFIG, &server.uri(), &["sync"]).code, 0);
+    let bad = format!(
+        "{CONFIG}\n[[audience]]\nname = \"Extra\"\nquery = \"SELECT id FROM shop_users\"\n"
+    );
+    let o = run(&pool, &bad, &server.uri(), &["sync"]);
+    assert_eq!(o.code, 2);
+    assert!(
+        o.stderr.contains("audience \"extra\"") && o.stderr.contains("no user_id column"),
+        "{}",
+        o.stderr
+    );
+    assert_eq!(scalar(&pool, "SELECT count(*) FROM audiences").await, 1);
+    let o = run(
+        &pool,
+        "[wigzo]\nconcurency = 3\n",
+        &server.uri(),
+        &["status"],
+    );
+    assert_eq!(o.code, 2);
+    assert!(
+        o.stderr.contains("unknown field `concurency`"),
+        "{}",
+        o.stderr
+    );
+    assert_eq!(
+        scalar(&pool, "SELECT count(*) FROM audiences WHERE enabled").await,
+        1
+    );
+}
