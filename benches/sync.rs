@@ -1,0 +1,2 @@
+//! Benchmark harness for audience-sync (being written): see BENCHMARKS.md.
+fn main() {}
