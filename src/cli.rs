@@ -57,6 +57,9 @@ pub enum Command {
     Migrate,
     /// Write a commented example config file.
     Init(InitArgs),
+    /// The whole job in one command: a throwaway shop database, three audiences, an initial
+    /// sync, a week later an incremental sync, then a full resync (no setup needed).
+    Demo(DemoArgs),
 }
 
 #[derive(Debug, Args)]
@@ -95,6 +98,19 @@ pub struct InitArgs {
     pub force: bool,
 }
 
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Keep the demo database afterwards and print how to inspect it.
+    #[arg(long)]
+    pub keep: bool,
+    /// Send to the real Wigzo (needs WIGZO_ORG_TOKEN) instead of the in-process receiver.
+    #[arg(long)]
+    pub live: bool,
+    /// Users in the demo shop.
+    #[arg(long, value_name = "N", default_value_t = crate::demo::DEFAULT_MEMBERS)]
+    pub members: i64,
+}
+
 /// The example config written by `init`.
 pub const EXAMPLE_CONFIG: &str = include_str!("../audience-sync.example.toml");
 
@@ -102,6 +118,14 @@ pub const EXAMPLE_CONFIG: &str = include_str!("../audience-sync.example.toml");
 pub async fn run(cli: Cli) -> Result<i32> {
     let env = EnvOverrides::from_env();
     match &cli.command {
+        Command::Demo(args) => {
+            crate::demo::run(&crate::demo::DemoOptions {
+                keep: args.keep,
+                live: args.live,
+                members: args.members,
+            })
+            .await
+        }
         Command::Init(args) => {
             if args.path.exists() && !args.force {
                 bail!(
@@ -129,7 +153,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
         }
         Command::Status => {
             let cfg = load_config(&cli, &env)?;
-            let (pool, _) = prepare(&cfg).await?;
+            let pool = prepare_for_reading(&cli, &cfg).await?;
             let rows = status::audiences(&pool)
                 .await
                 .context("cannot read status")?;
@@ -142,7 +166,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
         }
         Command::Runs(args) => {
             let cfg = load_config(&cli, &env)?;
-            let (pool, _) = prepare(&cfg).await?;
+            let pool = prepare_for_reading(&cli, &cfg).await?;
             let rows = status::runs(&pool, args.audience.as_deref(), args.limit.clamp(1, 10_000))
                 .await
                 .context("cannot read runs")?;
@@ -222,6 +246,17 @@ pub async fn prepare(cfg: &Config) -> Result<(sqlx::PgPool, Vec<Audience>)> {
     check_queries(&pool, cfg).await?;
     let stored = audience::store_definitions(&pool, &cfg.audiences).await?;
     Ok((pool, stored))
+}
+
+/// For the read-only commands: stores the audiences of a config file when there is one, but
+/// without a config file only migrates, so `status` against a database (the demo's, a
+/// production one from a laptop) never disables the audiences stored there.
+async fn prepare_for_reading(cli: &Cli, cfg: &Config) -> Result<sqlx::PgPool> {
+    if crate::config::locate(cli.config.as_deref()).is_some() {
+        Ok(prepare(cfg).await?.0)
+    } else {
+        connect(cfg).await
+    }
 }
 
 /// Prepares every enabled audience's query (nothing runs) so a bad query is refused before

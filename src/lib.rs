@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod db;
 pub mod delivery;
+pub mod demo;
 pub mod diff;
 pub mod embedded_pg;
 pub mod outbox;

@@ -5,7 +5,8 @@ use clap::Parser;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = audience_sync::cli::Cli::parse();
-    audience_sync::telemetry::init(cli.log_format, cli.verbose);
+    let quiet = matches!(cli.command, audience_sync::cli::Command::Demo(_));
+    audience_sync::telemetry::init(cli.log_format, cli.verbose, quiet);
     match audience_sync::cli::run(cli).await {
         Ok(code) => std::process::ExitCode::from(code as u8),
         Err(e) => {

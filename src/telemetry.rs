@@ -9,10 +9,13 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global subscriber. `RUST_LOG` overrides the default level (`info`).
-pub fn init(format: LogFormat, verbose: bool) {
+/// Installs the global subscriber. `RUST_LOG` overrides the default level (`info`, or `warn`
+/// when `quiet`: commands such as `demo` that tell their own story on stdout).
+pub fn init(format: LogFormat, verbose: bool, quiet: bool) {
     let default = if verbose {
         "debug,sqlx=warn,hyper=info,reqwest=info"
+    } else if quiet {
+        "warn"
     } else {
         "info,sqlx=warn"
     };
