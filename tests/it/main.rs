@@ -3,6 +3,7 @@
 mod support;
 
 mod bad_input;
+mod chaos;
 mod cli;
 mod delivery;
 mod sync;

@@ -1,0 +1,460 @@
+//! Fault injection: a Wigzo mock that misbehaves on purpose, a convergence check over what it
+//! received, and scenarios (destination chaos, SIGKILL of the worker at many points, Wigzo
+//! down, concurrent workers) that must all converge with nothing lost.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use rand::Rng;
+use serde_json::Value;
+use sqlx::PgPool;
+
+use crate::support::*;
+
+/// Per-request fault rates (each in 0..1; they add up to the total fault rate).
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    pub server_error: f64,
+    pub throttle_secs: f64,
+    pub throttle_date: f64,
+    pub timeout: f64,
+    pub close: f64,
+    pub slow_ok: f64,
+    /// Users always answered 400.
+    pub reject_users: HashSet<String>,
+    pub unauthorized: bool,
+    /// Added to every request.
+    pub delay: Duration,
+}
+
+/// One request as received.
+#[derive(Debug, Clone)]
+pub struct Call {
+    pub user: String,
+    pub value: bool,
+    pub message_id: String,
+    pub status: u16,
+}
+
+#[derive(Default)]
+struct Inner {
+    faults: Mutex<Faults>,
+    calls: Mutex<Vec<Call>>,
+    received: AtomicU64,
+    injected: AtomicU64,
+}
+
+/// The misbehaving Wigzo.
+pub struct Chaos {
+    addr: SocketAddr,
+    inner: Arc<Inner>,
+    /// Client timeout the `timeout` fault must exceed.
+    pub client_timeout: Duration,
+}
+
+impl Chaos {
+    pub async fn start(faults: Faults) -> Chaos {
+        let inner = Arc::new(Inner::default());
+        *inner.faults.lock().unwrap() = faults;
+        let app = Router::new()
+            .route("/rest/v1/learn/identify", post(handle))
+            .with_state(inner.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Chaos {
+            addr,
+            inner,
+            client_timeout: Duration::from_millis(400),
+        }
+    }
+    pub fn uri(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+    pub fn calls(&self) -> Vec<Call> {
+        self.inner.calls.lock().unwrap().clone()
+    }
+    pub fn received(&self) -> u64 {
+        self.inner.received.load(Ordering::SeqCst)
+    }
+    pub fn injected(&self) -> u64 {
+        self.inner.injected.load(Ordering::SeqCst)
+    }
+}
+
+async fn handle(State(s): State<Arc<Inner>>, headers: HeaderMap, body: String) -> Response {
+    let _ = headers;
+    s.received.fetch_add(1, Ordering::SeqCst);
+    let v: Value = serde_json::from_str(&body).expect("identify body is JSON");
+    let key = v["context"]["personas"]["computation_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let user = v["userId"].as_str().unwrap().to_string();
+    let value = v["traits"][&key]
+        .as_bool()
+        .expect("trait is a real boolean");
+    let message_id = v["messageId"].as_str().unwrap().to_string();
+    let f = s.faults.lock().unwrap().clone();
+    if !f.delay.is_zero() {
+        tokio::time::sleep(f.delay).await;
+    }
+    let record = |status: u16| {
+        s.calls.lock().unwrap().push(Call {
+            user: user.clone(),
+            value,
+            message_id: message_id.clone(),
+            status,
+        });
+    };
+    if f.unauthorized {
+        record(401);
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    if f.reject_users.contains(&user) {
+        record(400);
+        return (StatusCode::BAD_REQUEST, "{\"error\":\"invalid user\"}").into_response();
+    }
+    let roll: f64 = rand::rng().random();
+    let mut edge = 0.0;
+    let mut hit = |p: f64| {
+        edge += p;
+        roll < edge
+    };
+    let injected = || s.injected.fetch_add(1, Ordering::SeqCst);
+    if hit(f.server_error) {
+        injected();
+        let code = [500, 502, 503][rand::rng().random_range(0..3)];
+        record(code);
+        return StatusCode::from_u16(code).unwrap().into_response();
+    }
+    if hit(f.throttle_secs) {
+        injected();
+        record(429);
+        return (StatusCode::TOO_MANY_REQUESTS, [("Retry-After", "0")]).into_response();
+    }
+    if hit(f.throttle_date) {
+        injected();
+        record(429);
+        let date = httpdate::fmt_http_date(std::time::SystemTime::now());
+        return (StatusCode::TOO_MANY_REQUESTS, [("Retry-After", date)]).into_response();
+    }
+    if hit(f.timeout) {
+        injected();
+        // Processed, but answered after the client gave up: a real duplicate risk.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        record(200);
+        return StatusCode::OK.into_response();
+    }
+    if hit(f.close) {
+        injected();
+        record(0);
+        // Ends the connection without an answer.
+        std::panic::resume_unwind(Box::new("chaos: closing the connection"));
+    }
+    if hit(f.slow_ok) {
+        injected();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    record(200);
+    (StatusCode::OK, "{\"status\":\"success\"}").into_response()
+}
+
+/// What Wigzo ended up with versus what the query says.
+#[derive(Debug)]
+pub struct Convergence {
+    /// Users whose last received value differs from their membership.
+    pub wrong: Vec<String>,
+    /// Message ids answered 2xx more than once.
+    pub duplicates: usize,
+    pub calls: usize,
+}
+
+/// Per user, the value of the last call received (any answer: Wigzo may have applied it)
+/// must equal membership: `true` for members; `false` or never sent otherwise.
+pub fn convergence(calls: &[Call], members: &HashSet<String>) -> Convergence {
+    let mut last: HashMap<&str, bool> = HashMap::new();
+    let mut ok_ids: HashMap<&str, usize> = HashMap::new();
+    for c in calls {
+        last.insert(&c.user, c.value);
+        if (200..300).contains(&c.status) {
+            *ok_ids.entry(&c.message_id).or_default() += 1;
+        }
+    }
+    let mut wrong: Vec<String> = members
+        .iter()
+        .filter(|m| last.get(m.as_str()) != Some(&true))
+        .cloned()
+        .collect();
+    wrong.extend(
+        last.iter()
+            .filter(|(u, v)| **v && !members.contains(**u))
+            .map(|(u, _)| u.to_string()),
+    );
+    Convergence {
+        wrong,
+        duplicates: ok_ids.values().filter(|n| **n > 1).map(|n| n - 1).sum(),
+        calls: calls.len(),
+    }
+}
+
+pub async fn members(pool: &PgPool) -> HashSet<String> {
+    sqlx::query_scalar::<_, String>("SELECT id::text FROM shop_users WHERE member")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
+fn chaos_config(chaos: &Chaos) -> audience_sync::config::WigzoConfig {
+    let mut cfg = wigzo_config(&chaos.uri());
+    cfg.concurrency = 32;
+    cfg.timeout = chaos.client_timeout;
+    cfg.max_attempts = 8;
+    cfg.batch_size = 500;
+    cfg
+}
+
+/// Users in the chaos scenario (CHAOS_USERS overrides; 20,000 by default).
+fn scale() -> i64 {
+    std::env::var("CHAOS_USERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000)
+}
+
+#[sqlx::test]
+async fn twenty_percent_faults_over_three_churn_rounds_converge(pool: PgPool) {
+    let n = scale();
+    seed(&pool, n + n / 5, n).await;
+    let a = audience(&pool).await;
+    let chaos = Chaos::start(Faults {
+        server_error: 0.10,
+        throttle_secs: 0.03,
+        throttle_date: 0.02,
+        timeout: 0.003,
+        close: 0.02,
+        slow_ok: 0.027,
+        ..Faults::default()
+    })
+    .await;
+    let w = worker_with(&pool, chaos_config(&chaos));
+    let mut runs = 0;
+    for round in 0..4 {
+        if round > 0 {
+            // Churn: 2% leave, 2% join.
+            sqlx::query(
+                "UPDATE shop_users SET member = NOT member
+                  WHERE (member AND random() < 0.02) OR (NOT member AND random() < 0.1)",
+            )
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+        // A change out of retries waits for the next run, as in production.
+        let mut r = sync(&w, &a).await;
+        runs += 1;
+        while !r.succeeded() && runs < 12 {
+            r = sync(&w, &a).await;
+            runs += 1;
+        }
+        assert!(r.succeeded(), "round {round}: {r:?}");
+    }
+    let calls = chaos.calls();
+    let c = convergence(&calls, &members(&pool).await);
+    eprintln!(
+        "chaos: users={n} runs={runs} calls={} faults_injected={} duplicates={} wrong={}",
+        c.calls,
+        chaos.injected(),
+        c.duplicates,
+        c.wrong.len()
+    );
+    assert!(
+        c.wrong.is_empty(),
+        "{} users diverged, e.g. {:?}",
+        c.wrong.len(),
+        &c.wrong[..c.wrong.len().min(5)]
+    );
+    assert!(
+        chaos.injected() as f64 > 0.15 * c.calls as f64,
+        "too few faults injected"
+    );
+    // Duplicates only from calls Wigzo answered after the client had timed out.
+    let timeouts = calls.iter().filter(|x| x.status == 200).count() as i64
+        - (c.calls as i64 - chaos.injected() as i64);
+    assert!(
+        c.duplicates as i64 <= timeouts.max(0) + 1,
+        "duplicates {} timeouts {timeouts}",
+        c.duplicates
+    );
+    assert_eq!(
+        scalar(&pool, "SELECT count(*) FROM outbox").await,
+        0,
+        "changes left undelivered"
+    );
+}
+
+#[sqlx::test]
+async fn a_429_never_uses_up_the_attempt_budget(pool: PgPool) {
+    seed(&pool, 40, 40).await;
+    let a = audience(&pool).await;
+    let chaos = Chaos::start(Faults {
+        throttle_secs: 0.5,
+        ..Faults::default()
+    })
+    .await;
+    let mut cfg = chaos_config(&chaos);
+    cfg.max_attempts = 1;
+    let r = sync(&worker_with(&pool, cfg), &a).await;
+    assert!(r.succeeded(), "{r:?}");
+    assert!(chaos.injected() > 5);
+    assert!(
+        convergence(&chaos.calls(), &members(&pool).await)
+            .wrong
+            .is_empty()
+    );
+}
+
+#[sqlx::test]
+async fn three_workers_racing_on_a_healthy_destination_deliver_each_change_once(pool: PgPool) {
+    seed(&pool, 3000, 2000).await;
+    let a = audience(&pool).await;
+    let chaos = Chaos::start(Faults::default()).await;
+    let ws: Vec<_> = (0..3)
+        .map(|_| worker_with(&pool, chaos_config(&chaos)))
+        .collect();
+    let (r1, r2, r3) = tokio::join!(sync(&ws[0], &a), sync(&ws[1], &a), sync(&ws[2], &a));
+    assert_eq!([&r1, &r2, &r3].iter().filter(|r| r.succeeded()).count(), 1);
+    // Whoever lost the race syncs again afterwards: nothing left to send.
+    let again = sync(&ws[1], &a).await;
+    assert!(again.succeeded() && again.sent == 0, "{again:?}");
+    let calls = chaos.calls();
+    let c = convergence(&calls, &members(&pool).await);
+    assert!(c.wrong.is_empty());
+    assert_eq!(calls.len(), 2000, "a change was delivered twice");
+}
+
+/// The binary, killed with SIGKILL at chosen points, then rerun: converges, and the extra
+/// deliveries per crash are at most the calls that were in flight.
+#[sqlx::test]
+async fn sigkill_at_many_points_then_rerun_converges(pool: PgPool) {
+    seed(&pool, 2500, 2000).await;
+    let chaos = Chaos::start(Faults {
+        delay: Duration::from_millis(15),
+        ..Faults::default()
+    })
+    .await;
+    let concurrency = 8;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("a.toml");
+    // The query sleeps a little per row so a kill can land during capture.
+    std::fs::write(
+        &config,
+        format!(
+            "[wigzo]\nconcurrency = {concurrency}\nrequests_per_second = 0\nbatch_size = 200\n\
+             [[audience]]\nname = \"Order Completed Last 30days\"\n\
+             query = \"SELECT id AS user_id, email, phone FROM shop_users WHERE member AND (id <> 7 OR pg_sleep(0.4) IS NOT NULL)\"\n"
+        ),
+    )
+    .unwrap();
+    let db = {
+        let base = std::env::var("DATABASE_URL").unwrap();
+        let mut url = reqwest::Url::parse(&base).unwrap();
+        url.set_path(pool.connect_options().get_database().unwrap());
+        url.to_string()
+    };
+    let spawn = || {
+        // tokio's process API: a blocking wait would stall the mock on this test's runtime.
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_audience-sync"))
+            .args(["--config", config.to_str().unwrap(), "sync", "--json"])
+            .env("DATABASE_URL", &db)
+            .env("WIGZO_ORG_TOKEN", TOKEN)
+            .env("WIGZO_BASE_URL", chaos.uri())
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    };
+    let mut kills = 0;
+    // Kill points: during capture (inside the query), just after capture (diff into the
+    // outbox), then after this many calls received: early, middle and late in delivery, each
+    // with calls answered 2xx whose confirmation is not yet written.
+    let mut crash_points: Vec<Option<u64>> = vec![
+        None,
+        Some(0),
+        Some(1),
+        Some(50),
+        Some(300),
+        Some(700),
+        Some(1000),
+        Some(1300),
+        Some(1600),
+        Some(1900),
+    ];
+    let mut churned = false;
+    let mut extra_allowed = 0usize;
+    while let Some(point) = crash_points.first().cloned() {
+        crash_points.remove(0);
+        let before = chaos.received();
+        let mut child = spawn();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        match point {
+            None => tokio::time::sleep(Duration::from_millis(150)).await, // inside pg_sleep: capture
+            Some(0) => tokio::time::sleep(Duration::from_millis(420)).await, // capture done: diff
+            Some(n) => {
+                while chaos.received() < before + n.min(50) && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
+        }
+        child.kill().await.unwrap(); // SIGKILL, then reaped
+        kills += 1;
+        extra_allowed += concurrency;
+        if kills == 5 && !churned {
+            // Membership moves while crashes keep happening.
+            set_members(&pool, &(1..=100).collect::<Vec<_>>(), false).await;
+            set_members(&pool, &(2001..=2100).collect::<Vec<_>>(), true).await;
+            churned = true;
+        }
+    }
+    let out = spawn().wait_with_output().await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let calls = chaos.calls();
+    let c = convergence(&calls, &members(&pool).await);
+    eprintln!(
+        "sigkill: kills={kills} calls={} duplicates={} wrong={}",
+        c.calls,
+        c.duplicates,
+        c.wrong.len()
+    );
+    assert!(
+        c.wrong.is_empty(),
+        "lost changes: {:?}",
+        &c.wrong[..c.wrong.len().min(5)]
+    );
+    assert!(
+        c.duplicates <= extra_allowed,
+        "duplicates {} > in-flight bound {extra_allowed}",
+        c.duplicates
+    );
+    assert_eq!(scalar(&pool, "SELECT count(*) FROM outbox").await, 0);
+    assert_eq!(
+        scalar(&pool, "SELECT count(*) FROM runs WHERE status = 'running'").await,
+        0
+    );
+}
