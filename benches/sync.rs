@@ -1,2 +1,598 @@
-//! Benchmark harness for audience-sync (being written): see BENCHMARKS.md.
-fn main() {}
+//! Benchmark harness for audience-sync: see BENCHMARKS.md.
+//!
+//! `cargo bench --bench sync -- --members N --churn F [--json] [--delivery-cap C]`
+//!
+//! Creates a throwaway database `bench_<random>` on `DATABASE_URL`, generates a source whose
+//! audience query returns exactly N members, starts an in-process Wigzo receiver, and measures
+//! each phase of audience-sync against a bare reference doing the same work, in one run.
+
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use audience_sync::audience::{Audience, AudienceDef, store_definitions};
+use audience_sync::config::WigzoConfig;
+use audience_sync::delivery::{self, Target};
+use audience_sync::outbox::Change;
+use audience_sync::receiver::Receiver;
+use audience_sync::sync::{Mode, Worker, owner_id};
+use audience_sync::wigzo::{IDENTIFY_PATH, WigzoClient, identify_payload};
+use audience_sync::{db, diff, snapshot};
+use futures::StreamExt;
+use serde_json::{Value, json};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Executor, PgPool};
+use tokio_util::sync::CancellationToken;
+
+const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+const TOKEN: &str = "bench-org-token";
+/// The audience query: users with an order completed in the last 30 days.
+const QUERY: &str = "SELECT u.id AS user_id, u.email, u.phone FROM users u \
+     WHERE EXISTS (SELECT 1 FROM orders o WHERE o.user_id = u.id \
+                   AND o.completed_at > now() - interval '30 days')";
+const CONCURRENCY: usize = 8;
+const BATCH_SIZE: i64 = 500;
+const STATEMENT_TIMEOUT: Duration = Duration::from_secs(3600);
+
+struct Args {
+    members: i64,
+    churn: f64,
+    json: bool,
+    delivery_cap: i64,
+}
+
+impl Args {
+    /// Parses by hand: `cargo bench` adds `--bench`, and unknown flags are ignored.
+    fn parse() -> Result<Args> {
+        let mut a = Args {
+            members: 20_000,
+            churn: 0.01,
+            json: false,
+            delivery_cap: 50_000,
+        };
+        let mut it = std::env::args().skip(1);
+        while let Some(arg) = it.next() {
+            let (flag, inline) = match arg.split_once('=') {
+                Some((f, v)) => (f.to_string(), Some(v.to_string())),
+                None => (arg.clone(), None),
+            };
+            let mut value = |name: &str| -> Result<String> {
+                inline
+                    .clone()
+                    .or_else(|| it.next())
+                    .with_context(|| format!("{name} needs a value"))
+            };
+            match flag.as_str() {
+                "--members" => a.members = parse_int(&value("--members")?)?,
+                "--churn" => a.churn = value("--churn")?.parse().context("--churn")?,
+                "--delivery-cap" => a.delivery_cap = parse_int(&value("--delivery-cap")?)?,
+                "--json" => a.json = true,
+                "-h" | "--help" => {
+                    eprintln!(
+                        "usage: cargo bench --bench sync -- --members N --churn F [--json] [--delivery-cap C]"
+                    );
+                    std::process::exit(0);
+                }
+                // `--bench` (added by cargo) and anything else: ignored.
+                _ => {}
+            }
+        }
+        ensure!(a.members >= 100, "--members must be at least 100");
+        ensure!(
+            (0.0..=0.5).contains(&a.churn),
+            "--churn must be between 0 and 0.5"
+        );
+        ensure!(a.delivery_cap >= 1, "--delivery-cap must be positive");
+        Ok(a)
+    }
+}
+
+fn parse_int(s: &str) -> Result<i64> {
+    s.replace('_', "")
+        .parse()
+        .with_context(|| format!("not an integer: {s:?}"))
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let out = rt.block_on(run(&args))?;
+    if args.json {
+        println!("{out}");
+    } else {
+        print_table(&out);
+    }
+    Ok(())
+}
+
+/// Creates the throwaway database, runs the phases, and always drops it.
+async fn run(args: &Args) -> Result<Value> {
+    let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_URL.into());
+    let admin_opts = PgConnectOptions::from_str(&url)
+        .context("DATABASE_URL is not a valid URL")?
+        .application_name("audience-sync-bench")
+        .disable_statement_logging();
+    let mut admin = admin_opts
+        .connect()
+        .await
+        .context("cannot connect to DATABASE_URL")?;
+    let name = format!("bench_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    admin
+        .execute(AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .await
+        .with_context(|| format!("cannot create database {name}"))?;
+    progress(args, &format!("created database {name}"));
+    let result = bench(args, admin_opts.clone().database(&name)).await;
+    let dropped = admin
+        .execute(AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+        )))
+        .await;
+    let out = result?;
+    dropped.with_context(|| format!("cannot drop database {name}"))?;
+    progress(args, &format!("dropped database {name}"));
+    Ok(out)
+}
+
+fn progress(_args: &Args, msg: &str) {
+    eprintln!("[bench] {msg}");
+}
+
+fn def(name: &str) -> AudienceDef {
+    AudienceDef {
+        key: audience_sync::audience::derive_key(name).expect("valid name"),
+        name: name.into(),
+        schedule: "0 0 */3 * * *".into(),
+        query: QUERY.into(),
+        source_url: None,
+        enabled: true,
+    }
+}
+
+async fn bench(args: &Args, opts: PgConnectOptions) -> Result<Value> {
+    let n = args.members;
+    let pool = PgPoolOptions::new()
+        .max_connections(8)
+        .connect_with(opts.clone())
+        .await
+        .context("cannot connect to the bench database")?;
+    db::migrate(&pool).await?;
+
+    // ---- Source ---------------------------------------------------------------------------
+    let t = Instant::now();
+    generate(&pool, n).await?;
+    let generate_s = t.elapsed().as_secs_f64();
+    // Also warms the cache for both capture measurements.
+    let count: i64 = sqlx::query_scalar(AssertSqlSafe(format!("SELECT count(*) FROM ({QUERY}) q")))
+        .fetch_one(&pool)
+        .await?;
+    ensure!(count == n, "audience query returns {count}, expected {n}");
+    progress(
+        args,
+        &format!(
+            "generated {} users, {n} members in {generate_s:.2} s",
+            n + n / 4
+        ),
+    );
+
+    let auds =
+        store_definitions(&pool, &[def("Bench Capture Diff"), def("Bench End To End")]).await?;
+    let receiver = Receiver::start(TOKEN).await?;
+
+    // ---- Phases 1+2: capture + diff vs CREATE TEMP TABLE AS + EXCEPT ---------------------
+    let a = &auds[0];
+    let run_id: i64 = sqlx::query_scalar(
+        "INSERT INTO runs (audience_id, kind, status, owner)
+         VALUES ($1, 'initial', 'running', 'bench') RETURNING id",
+    )
+    .bind(a.id)
+    .fetch_one(&pool)
+    .await?;
+    let mut conn = db::dedicated(&opts).await?;
+    let t = Instant::now();
+    let captured = snapshot::capture(&mut conn, &a.def.key, QUERY, None, STATEMENT_TIMEOUT).await?;
+    let capture_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let counts = diff::write_outbox(&mut conn, a.id, run_id, false).await?;
+    let diff_s = t.elapsed().as_secs_f64();
+    conn.close().await?;
+    ensure!(
+        captured.members == n && counts.added == n && counts.removed == 0,
+        "capture/diff found {} members, {} added, {} removed; expected {n}, {n}, 0",
+        captured.members,
+        counts.added,
+        counts.removed
+    );
+    sqlx::query("UPDATE runs SET status = 'succeeded', finished_at = now() WHERE id = $1")
+        .bind(run_id)
+        .execute(&pool)
+        .await?;
+
+    let mut rconn = db::dedicated(&opts).await?;
+    let t = Instant::now();
+    rconn
+        .execute(AssertSqlSafe(format!("CREATE TEMP TABLE ref AS {QUERY}")))
+        .await?;
+    let ref_capture_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let (ref_added, ref_removed): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM (SELECT user_id::text FROM ref
+                                       EXCEPT
+                                       SELECT user_id FROM synced_members WHERE audience_id = $1) a),
+                (SELECT count(*) FROM (SELECT user_id FROM synced_members
+                                        WHERE audience_id = $1 AND member
+                                       EXCEPT
+                                       SELECT user_id::text FROM ref) r)",
+    )
+    .bind(a.id)
+    .fetch_one(&mut rconn)
+    .await?;
+    let ref_diff_s = t.elapsed().as_secs_f64();
+    // Informational, not in the ratio: the entering side of the diff written to a plain
+    // (logged, unindexed) table, the floor for any diff that persists its changes.
+    let t = Instant::now();
+    rconn
+        .execute(AssertSqlSafe(format!(
+            "CREATE TABLE ref_changes AS
+             SELECT r.user_id::text AS user_id, true AS member, r.email, r.phone
+               FROM ref r
+              WHERE NOT EXISTS (SELECT 1 FROM synced_members s
+                                 WHERE s.audience_id = {} AND s.user_id = r.user_id::text)",
+            a.id
+        )))
+        .await?;
+    let ref_diff_write_s = t.elapsed().as_secs_f64();
+    rconn.close().await?;
+    ensure!(
+        ref_added == n && ref_removed == 0,
+        "reference diff disagrees"
+    );
+    let capture_diff_ratio = (capture_s + diff_s) / (ref_capture_s + ref_diff_s);
+    progress(
+        args,
+        &format!(
+            "capture+diff {:.3} s vs reference {:.3} s",
+            capture_s + diff_s,
+            ref_capture_s + ref_diff_s
+        ),
+    );
+
+    // ---- Phase 3: delivery vs a bare HTTP client ------------------------------------------
+    let delivered_n = n.min(args.delivery_cap);
+    if delivered_n < n {
+        sqlx::query(
+            "DELETE FROM outbox WHERE audience_id = $1 AND id NOT IN
+                (SELECT id FROM outbox WHERE audience_id = $1 ORDER BY id LIMIT $2)",
+        )
+        .bind(a.id)
+        .bind(delivered_n)
+        .execute(&pool)
+        .await?;
+    }
+    let changes: Vec<Change> = sqlx::query_as(
+        "SELECT id, user_id, member, email, phone, name, message_id, created_at AS detected_at
+           FROM outbox WHERE audience_id = $1 ORDER BY id",
+    )
+    .bind(a.id)
+    .fetch_all(&pool)
+    .await?;
+    ensure!(changes.len() as i64 == delivered_n);
+
+    let mut wigzo = WigzoConfig::new(receiver.base_url(), TOKEN);
+    wigzo.requests_per_second = 0;
+    wigzo.concurrency = CONCURRENCY;
+    wigzo.batch_size = BATCH_SIZE;
+    wigzo.timeout = Duration::from_secs(30);
+    let client = WigzoClient::new(&wigzo)?;
+    let target = Target {
+        audience_id: a.id,
+        key: a.def.key.clone(),
+    };
+    let calls_before = receiver.calls();
+    let t = Instant::now();
+    let d = delivery::deliver(
+        &pool,
+        &client,
+        &wigzo,
+        &target,
+        "bench",
+        &CancellationToken::new(),
+    )
+    .await?;
+    let delivery_s = t.elapsed().as_secs_f64();
+    ensure!(
+        d.sent == delivered_n as u64 && d.failed == 0,
+        "delivery sent {} of {delivered_n}, failed {} ({:?})",
+        d.sent,
+        d.failed,
+        d.last_error
+    );
+    ensure!(receiver.calls() - calls_before == delivered_n as u64);
+
+    let bare_s = bare_client(&receiver, a, &changes, delivered_n).await?;
+    drop(changes);
+    let calls_per_s = delivered_n as f64 / delivery_s;
+    let bare_calls_per_s = delivered_n as f64 / bare_s;
+    let delivery_ratio = calls_per_s / bare_calls_per_s;
+    progress(
+        args,
+        &format!(
+            "delivery of {delivered_n}: {calls_per_s:.0} calls/s vs bare {bare_calls_per_s:.0} calls/s"
+        ),
+    );
+
+    // ---- Phase 4: end to end, initial then incremental after churn -----------------------
+    let b = &auds[1];
+    let worker = Worker {
+        pool: pool.clone(),
+        connect: opts.clone(),
+        client: client.clone(),
+        wigzo: wigzo.clone(),
+        statement_timeout: STATEMENT_TIMEOUT,
+        owner: owner_id(),
+        cancel: CancellationToken::new(),
+    };
+    let rss_before_e2e = status_kib("VmRSS").unwrap_or(0);
+    let hwm_reset = reset_peak_rss();
+    let t = Instant::now();
+    let initial = worker.run(b, Mode::Sync, false).await;
+    let initial_sync_s = t.elapsed().as_secs_f64();
+    ensure!(
+        initial.succeeded() && initial.kind == "initial" && initial.sent == n as u64,
+        "initial sync: {} {} sent {} ({:?})",
+        initial.kind,
+        initial.status,
+        initial.sent,
+        initial.error
+    );
+    let e2e_hwm = status_kib("VmHWM").unwrap_or(0);
+    progress(
+        args,
+        &format!("initial sync of {n} in {initial_sync_s:.2} s"),
+    );
+
+    let k = (args.churn * n as f64 / 2.0).round() as i64;
+    churn(&pool, n, k).await?;
+    let t = Instant::now();
+    let incr = worker.run(b, Mode::Sync, false).await;
+    let incremental_sync_s = t.elapsed().as_secs_f64();
+    ensure!(
+        incr.succeeded()
+            && incr.kind == "incremental"
+            && incr.added == k
+            && incr.removed == k
+            && incr.sent == 2 * k as u64,
+        "incremental sync: {} {} added {} removed {} sent {} ({:?}); expected {k} each",
+        incr.kind,
+        incr.status,
+        incr.added,
+        incr.removed,
+        incr.sent,
+        incr.error
+    );
+    progress(
+        args,
+        &format!("incremental sync ({k} in, {k} out) in {incremental_sync_s:.2} s"),
+    );
+
+    receiver.shutdown().await;
+    pool.close().await;
+
+    // ---- Phase 5: memory ------------------------------------------------------------------
+    let peak_rss_mib = status_kib("VmHWM").unwrap_or(0) as f64 / 1024.0;
+    let mib = |kib: u64| (kib as f64 / 1024.0 * 10.0).round() / 10.0;
+    let r3 = |x: f64| (x * 1000.0).round() / 1000.0;
+
+    Ok(json!({
+        "members": n,
+        "churn": args.churn,
+        "capture_diff_ratio": r3(capture_diff_ratio),
+        "delivery_ratio": r3(delivery_ratio),
+        "initial_sync_s": r3(initial_sync_s),
+        "incremental_sync_s": r3(incremental_sync_s),
+        "calls_per_s": calls_per_s.round(),
+        "peak_rss_mib": (peak_rss_mib * 10.0).round() / 10.0,
+        "generate_s": r3(generate_s),
+        "capture_s": r3(capture_s),
+        "diff_s": r3(diff_s),
+        "ref_capture_s": r3(ref_capture_s),
+        "ref_diff_s": r3(ref_diff_s),
+        "ref_diff_write_s": r3(ref_diff_write_s),
+        "capture_ratio": r3(capture_s / ref_capture_s),
+        "diff_ratio": r3(diff_s / ref_diff_s),
+        "delivery_changes": delivered_n,
+        "delivery_s": r3(delivery_s),
+        "bare_s": r3(bare_s),
+        "bare_calls_per_s": bare_calls_per_s.round(),
+        "initial_calls_per_s": (n as f64 / initial_sync_s).round(),
+        "churn_changes": 2 * k,
+        "rss_before_e2e_mib": mib(rss_before_e2e),
+        "e2e_peak_rss_mib": if hwm_reset { Value::from(mib(e2e_hwm)) } else { Value::Null },
+        "concurrency": CONCURRENCY,
+        "batch_size": BATCH_SIZE,
+    }))
+}
+
+/// users 1..=1.25N; one recent order for 1..=N, an old (31-59 days) order for everyone.
+async fn generate(pool: &PgPool, n: i64) -> Result<()> {
+    let total = n + n / 4;
+    let mut conn = pool.acquire().await?;
+    conn.execute(
+        "CREATE TABLE users (id bigint PRIMARY KEY, email text NOT NULL, phone text NOT NULL);
+         CREATE TABLE orders (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                              user_id bigint NOT NULL, completed_at timestamptz NOT NULL);",
+    )
+    .await?;
+    sqlx::query(
+        "INSERT INTO users
+         SELECT i, 'user' || i || '@example.com', '+1555' || lpad(i::text, 9, '0')
+           FROM generate_series(1, $1::bigint) i",
+    )
+    .bind(total)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "INSERT INTO orders (user_id, completed_at)
+         SELECT i, now() - make_interval(days => 1 + (i % 28)::int, secs => (i % 86400)::int)
+           FROM generate_series(1, $1::bigint) i
+         UNION ALL
+         SELECT i, now() - make_interval(days => 31 + (i % 29)::int, secs => (i % 86400)::int)
+           FROM generate_series(1, $2::bigint) i",
+    )
+    .bind(n)
+    .bind(total)
+    .execute(&mut *conn)
+    .await?;
+    conn.execute(
+        "CREATE INDEX orders_user_completed ON orders (user_id, completed_at);
+         ANALYZE users; ANALYZE orders;",
+    )
+    .await?;
+    Ok(())
+}
+
+/// Members 1..=k leave (their recent order is deleted); users N+1..=N+k join.
+async fn churn(pool: &PgPool, n: i64, k: i64) -> Result<()> {
+    if k > n / 4 {
+        bail!("churn too large for the generated non-members");
+    }
+    sqlx::query(
+        "DELETE FROM orders WHERE user_id BETWEEN 1 AND $1
+            AND completed_at > now() - interval '30 days'",
+    )
+    .bind(k)
+    .execute(pool)
+    .await?;
+    sqlx::query(
+        "INSERT INTO orders (user_id, completed_at)
+         SELECT i, now() - interval '2 days' FROM generate_series($1::bigint + 1, $1::bigint + $2) i",
+    )
+    .bind(n)
+    .bind(k)
+    .execute(pool)
+    .await?;
+    pool.execute("ANALYZE orders").await?;
+    Ok(())
+}
+
+/// Sends the same payloads with a plain reqwest client, `CONCURRENCY` in flight, no database.
+async fn bare_client(
+    receiver: &Receiver,
+    a: &Audience,
+    changes: &[Change],
+    expected: i64,
+) -> Result<f64> {
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(CONCURRENCY)
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let endpoint = format!("{}{IDENTIFY_PATH}", receiver.base_url());
+    let t = Instant::now();
+    let ok = futures::stream::iter(changes)
+        .map(|c| {
+            let body = identify_payload(a.id, &a.def.key, c);
+            let req = http
+                .post(&endpoint)
+                .query(&[("org_token", TOKEN)])
+                .json(&body);
+            async move {
+                let resp = req.send().await?;
+                let success = resp.status().is_success();
+                resp.bytes().await?;
+                Ok::<bool, reqwest::Error>(success)
+            }
+        })
+        .buffer_unordered(CONCURRENCY)
+        .filter(|r| futures::future::ready(matches!(r, Ok(true))))
+        .count()
+        .await;
+    let s = t.elapsed().as_secs_f64();
+    ensure!(
+        ok as i64 == expected,
+        "bare client: {ok} of {expected} calls succeeded"
+    );
+    Ok(s)
+}
+
+/// A `/proc/self/status` field in KiB.
+fn status_kib(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Resets VmHWM to the current RSS (Linux >= 4.0), so the end-to-end peak can be read alone.
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+fn print_table(v: &Value) {
+    let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    println!(
+        "audience-sync bench: {} members, churn {} ({} changes), concurrency {}, batch {}",
+        v["members"], v["churn"], v["churn_changes"], v["concurrency"], v["batch_size"]
+    );
+    println!(
+        "{:<34} {:>12} {:>12} {:>8}",
+        "phase", "ours", "reference", "ratio"
+    );
+    let row = |name: &str, ours: f64, reference: f64, ratio: f64| {
+        println!("{name:<34} {ours:>10.3} s {reference:>10.3} s {ratio:>8.3}");
+    };
+    row(
+        "1. capture",
+        f("capture_s"),
+        f("ref_capture_s"),
+        f("capture_ratio"),
+    );
+    row("2. diff", f("diff_s"), f("ref_diff_s"), f("diff_ratio"));
+    row(
+        "1+2. capture + diff",
+        f("capture_s") + f("diff_s"),
+        f("ref_capture_s") + f("ref_diff_s"),
+        f("capture_diff_ratio"),
+    );
+    println!(
+        "{:<34} {:>12} {:>10.3} s  (informational)",
+        "   diff written to a plain table",
+        "",
+        f("ref_diff_write_s")
+    );
+    println!(
+        "{:<34} {:>12.0} {:>12.0} {:>8.3}",
+        format!("3. delivery calls/s ({} calls)", v["delivery_changes"]),
+        f("calls_per_s"),
+        f("bare_calls_per_s"),
+        f("delivery_ratio")
+    );
+    println!(
+        "{:<34} {:>10.3} s",
+        "4. initial sync (end to end)",
+        f("initial_sync_s")
+    );
+    println!(
+        "{:<34} {:>10.3} s",
+        "4. incremental sync (end to end)",
+        f("incremental_sync_s")
+    );
+    println!(
+        "{:<34} {:>10.1} MiB (whole bench process, receiver included)",
+        "5. peak RSS",
+        f("peak_rss_mib")
+    );
+    println!(
+        "{:<34} {:>10.1} MiB (RSS before it: {:.1} MiB)",
+        "   peak RSS during initial sync",
+        f("e2e_peak_rss_mib"),
+        f("rss_before_e2e_mib")
+    );
+    println!("capture_diff_ratio = {}", v["capture_diff_ratio"]);
+    println!("delivery_ratio     = {}", v["delivery_ratio"]);
+}
