@@ -47,6 +47,8 @@ struct RawFile {
     wigzo: RawWigzo,
     #[serde(default)]
     ops: RawOps,
+    #[serde(default)]
+    daemon: RawDaemon,
     #[serde(default, rename = "audience")]
     audiences: Vec<RawAudience>,
 }
@@ -80,6 +82,14 @@ struct RawOps {
     trigger_token: Option<SecretString>,
 }
 
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDaemon {
+    grace_period_secs: Option<u64>,
+    max_concurrent_runs: Option<usize>,
+    poll_interval_secs: Option<u64>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawAudience {
@@ -97,6 +107,7 @@ pub struct Config {
     pub database: DatabaseConfig,
     pub wigzo: WigzoConfig,
     pub ops: OpsConfig,
+    pub daemon: DaemonConfig,
     pub audiences: Vec<AudienceDef>,
     /// The file it was read from, if any (the daemon re-reads it on SIGHUP).
     pub path: Option<PathBuf>,
@@ -146,6 +157,27 @@ impl WigzoConfig {
 pub struct OpsConfig {
     pub listen: String,
     pub trigger_token: Option<SecretString>,
+}
+
+/// The scheduled worker (`audience-sync run`).
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    /// On SIGTERM/SIGINT: how long in-flight calls may take to finish before the process exits.
+    pub grace_period: Duration,
+    /// Audiences this process syncs at the same time.
+    pub max_concurrent_runs: usize,
+    /// How often the schedule and the database are checked for due or stuck runs.
+    pub poll_interval: Duration,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        Self {
+            grace_period: Duration::from_secs(30),
+            max_concurrent_runs: 2,
+            poll_interval: Duration::from_secs(15),
+        }
+    }
 }
 
 /// Where the config file comes from: `--config`, else `$AUDIENCE_SYNC_CONFIG`, else
@@ -290,6 +322,36 @@ impl Config {
             trigger_token: raw.ops.trigger_token,
         };
 
+        let dd = DaemonConfig::default();
+        let daemon = DaemonConfig {
+            grace_period: raw
+                .daemon
+                .grace_period_secs
+                .map(Duration::from_secs)
+                .unwrap_or(dd.grace_period),
+            max_concurrent_runs: raw
+                .daemon
+                .max_concurrent_runs
+                .unwrap_or(dd.max_concurrent_runs),
+            poll_interval: raw
+                .daemon
+                .poll_interval_secs
+                .map(Duration::from_secs)
+                .unwrap_or(dd.poll_interval),
+        };
+        if !(1..=64).contains(&daemon.max_concurrent_runs) {
+            return Err(setting(
+                "daemon.max_concurrent_runs",
+                "must be between 1 and 64",
+            ));
+        }
+        if daemon.poll_interval.is_zero() {
+            return Err(setting(
+                "daemon.poll_interval_secs",
+                "must be greater than 0",
+            ));
+        }
+
         let mut audiences: Vec<AudienceDef> = Vec::with_capacity(raw.audiences.len());
         for a in raw.audiences {
             let err = |reason: String| ConfigError::Audience {
@@ -343,6 +405,7 @@ impl Config {
             database,
             wigzo,
             ops,
+            daemon,
             audiences,
             path: None,
         })
