@@ -45,6 +45,9 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// The scheduled worker: syncs each audience on its cron schedule until SIGTERM/SIGINT,
+    /// reloads the config on SIGHUP, and serves /healthz, /readyz, /metrics and a status page.
+    Run(RunArgs),
     /// Sync audiences now: initial or incremental, as due.
     Sync(SyncArgs),
     /// Full resync of one audience: every member again, and `false` for those who left.
@@ -60,6 +63,13 @@ pub enum Command {
     /// The whole job in one command: a throwaway shop database, three audiences, an initial
     /// sync, a week later an incremental sync, then a full resync (no setup needed).
     Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Address of the ops HTTP server (default: [ops] listen, else 127.0.0.1:9187).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -175,6 +185,14 @@ pub async fn run(cli: Cli) -> Result<i32> {
             } else {
                 print!("{}", status::render_runs(&rows));
             }
+            Ok(0)
+        }
+        Command::Run(args) => {
+            let cfg = load_config(&cli, &env)?;
+            let (pool, stored) = prepare(&cfg).await?;
+            let worker = worker(&cfg, pool.clone())?;
+            crate::scheduler::run(cfg, env.clone(), pool, stored, worker, args.listen.clone())
+                .await?;
             Ok(0)
         }
         Command::Sync(args) => {

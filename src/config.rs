@@ -88,6 +88,7 @@ struct RawDaemon {
     grace_period_secs: Option<u64>,
     max_concurrent_runs: Option<usize>,
     poll_interval_secs: Option<u64>,
+    retry_failed_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -168,6 +169,9 @@ pub struct DaemonConfig {
     pub max_concurrent_runs: usize,
     /// How often the schedule and the database are checked for due or stuck runs.
     pub poll_interval: Duration,
+    /// A failed run is tried again this long after it finished, or at its next cron tick if
+    /// that is sooner.
+    pub retry_failed: Duration,
 }
 
 impl Default for DaemonConfig {
@@ -176,6 +180,7 @@ impl Default for DaemonConfig {
             grace_period: Duration::from_secs(30),
             max_concurrent_runs: 2,
             poll_interval: Duration::from_secs(15),
+            retry_failed: Duration::from_secs(300),
         }
     }
 }
@@ -338,6 +343,11 @@ impl Config {
                 .poll_interval_secs
                 .map(Duration::from_secs)
                 .unwrap_or(dd.poll_interval),
+            retry_failed: raw
+                .daemon
+                .retry_failed_secs
+                .map(Duration::from_secs)
+                .unwrap_or(dd.retry_failed),
         };
         if !(1..=64).contains(&daemon.max_concurrent_runs) {
             return Err(setting(

@@ -12,6 +12,7 @@ pub mod diff;
 pub mod embedded_pg;
 pub mod outbox;
 pub mod receiver;
+pub mod scheduler;
 pub mod snapshot;
 pub mod status;
 pub mod sync;

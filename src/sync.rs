@@ -41,6 +41,32 @@ pub struct Worker {
     pub cancel: CancellationToken,
 }
 
+/// How a run was started, and when it should quietly not happen.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub dry_run: bool,
+    /// Recorded in `runs.trigger`: `manual`, `schedule` or `api`.
+    pub trigger: &'static str,
+    /// Skip (no report) instead of failing when another process holds the audience.
+    pub skip_if_busy: bool,
+    /// Skip unless the audience's latest run is still this one, with this status (None: it
+    /// has no run yet). Checked after the lock is taken, so a run another replica started or
+    /// finished in the meantime is not repeated.
+    pub expect_last_run: Option<Option<(i64, String)>>,
+}
+
+impl RunOptions {
+    /// A run asked for by hand: it fails, rather than skips, when the audience is busy.
+    pub fn manual(dry_run: bool) -> Self {
+        Self {
+            dry_run,
+            trigger: "manual",
+            skip_if_busy: false,
+            expect_last_run: None,
+        }
+    }
+}
+
 /// One run's outcome: what `sync --json` prints.
 #[derive(Debug, Clone, Serialize)]
 pub struct RunReport {
@@ -82,9 +108,21 @@ pub fn owner_id() -> String {
 }
 
 impl Worker {
-    /// Runs one audience. Failures of the run are in the report (status `failed`); an `Err`
-    /// is only returned when the run could not even be recorded.
+    /// Runs one audience by hand. Failures of the run are in the report (status `failed`).
     pub async fn run(&self, audience: &Audience, mode: Mode, dry_run: bool) -> RunReport {
+        self.run_with(audience, mode, RunOptions::manual(dry_run))
+            .await
+            .expect("a manual run is never skipped")
+    }
+
+    /// Runs one audience; `None` when the options say to skip it (busy, or already run).
+    pub async fn run_with(
+        &self,
+        audience: &Audience,
+        mode: Mode,
+        opts: RunOptions,
+    ) -> Option<RunReport> {
+        let dry_run = opts.dry_run;
         let started = Instant::now();
         let mut report = RunReport {
             audience: audience.def.key.clone(),
@@ -107,11 +145,22 @@ impl Worker {
             error: None,
             sample: Vec::new(),
         };
-        if let Err(e) = self.run_inner(audience, mode, dry_run, &mut report).await {
-            report.status = "failed";
-            report.error = Some(e);
+        match self.run_inner(audience, mode, &opts, &mut report).await {
+            Ok(true) => {}
+            Ok(false) => return None,
+            Err(e) => {
+                report.status = "failed";
+                report.error = Some(e);
+            }
         }
         report.duration_ms = started.elapsed().as_millis() as u64;
+        // A run stopped by shutdown is recorded as abandoned: the next worker resumes it at
+        // once instead of treating it as a failure to back off from.
+        let recorded_status = if !report.succeeded() && self.cancel.is_cancelled() {
+            "abandoned"
+        } else {
+            report.status
+        };
         if let Some(run_id) = report.run_id {
             let saved = sqlx::query(
                 "UPDATE runs SET status = $2, finished_at = now(), members = $3, added = $4,
@@ -120,7 +169,7 @@ impl Worker {
                   WHERE id = $1",
             )
             .bind(run_id)
-            .bind(report.status)
+            .bind(recorded_status)
             .bind(report.members)
             .bind(report.added)
             .bind(report.removed)
@@ -140,16 +189,18 @@ impl Worker {
         } else {
             tracing::warn!(audience = %report.audience, run_id = ?report.run_id, kind = report.kind, sent = report.sent, failed = report.failed, error = report.error.as_deref().unwrap_or(""), "run failed");
         }
-        report
+        Some(report)
     }
 
+    /// `Ok(false)`: skipped as `opts` asked, nothing recorded.
     async fn run_inner(
         &self,
         audience: &Audience,
         mode: Mode,
-        dry_run: bool,
+        opts: &RunOptions,
         report: &mut RunReport,
-    ) -> Result<(), String> {
+    ) -> Result<bool, String> {
+        let dry_run = opts.dry_run;
         let key = &audience.def.key;
         let mut conn = crate::db::dedicated(&self.connect)
             .await
@@ -160,6 +211,9 @@ impl Worker {
             .fetch_one(&mut conn)
             .await
             .map_err(|e| db_message(&e))?;
+        if !locked && opts.skip_if_busy {
+            return Ok(false);
+        }
         if !locked {
             let holder: Option<String> = sqlx::query_scalar(
                 "SELECT owner FROM runs WHERE audience_id = $1 AND status = 'running'
@@ -174,6 +228,18 @@ impl Worker {
                 "audience {key:?} is already being synced by another process{}; nothing was sent by this one",
                 holder.map(|h| format!(" ({h})")).unwrap_or_default()
             ));
+        }
+        if let Some(expected) = &opts.expect_last_run {
+            let last: Option<(i64, String)> = sqlx::query_as(
+                "SELECT id, status FROM runs WHERE audience_id = $1 ORDER BY id DESC LIMIT 1",
+            )
+            .bind(audience.id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| db_message(&e))?;
+            if &last != expected {
+                return Ok(false);
+            }
         }
         // We hold the lock, so any run still marked running lost its owner.
         sqlx::query(
@@ -199,12 +265,14 @@ impl Worker {
         }
         if !dry_run {
             let run_id: i64 = sqlx::query_scalar(
-                "INSERT INTO runs (audience_id, kind, status, owner) VALUES ($1, $2, 'running', $3)
+                "INSERT INTO runs (audience_id, kind, status, owner, trigger)
+                 VALUES ($1, $2, 'running', $3, $4)
                  RETURNING id",
             )
             .bind(audience.id)
             .bind(report.kind)
             .bind(&self.owner)
+            .bind(opts.trigger)
             .fetch_one(&self.pool)
             .await
             .map_err(|e| db_message(&e))?;
@@ -239,7 +307,7 @@ impl Worker {
                 .map(|c| identify_payload(audience.id, key, c))
                 .collect();
             report.status = "succeeded";
-            return Ok(());
+            return Ok(true);
         };
         let counts = diff::write_outbox(&mut conn, audience.id, run_id, full)
             .await
@@ -302,6 +370,6 @@ impl Worker {
             ));
         }
         report.status = "succeeded";
-        Ok(())
+        Ok(true)
     }
 }

@@ -8,15 +8,6 @@ use sqlx::PgPool;
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-/// The URL of the test's own database.
-fn db_url(pool: &PgPool) -> String {
-    let base = std::env::var("DATABASE_URL").expect("DATABASE_URL");
-    let db = pool.connect_options().get_database().unwrap().to_string();
-    let mut url = reqwest::Url::parse(&base).unwrap();
-    url.set_path(&db);
-    url.to_string()
-}
-
 struct Out {
     code: i32,
     stdout: String,

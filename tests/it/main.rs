@@ -5,5 +5,6 @@ mod support;
 mod bad_input;
 mod chaos;
 mod cli;
+mod daemon;
 mod delivery;
 mod sync;

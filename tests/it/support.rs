@@ -45,6 +45,15 @@ pub async fn set_members(pool: &PgPool, ids: &[i64], member: bool) {
         .unwrap();
 }
 
+/// The URL of the test's own database, for the binary.
+pub fn db_url(pool: &PgPool) -> String {
+    let base = std::env::var("DATABASE_URL").expect("DATABASE_URL");
+    let db = pool.connect_options().get_database().unwrap().to_string();
+    let mut url = reqwest::Url::parse(&base).unwrap();
+    url.set_path(&db);
+    url.to_string()
+}
+
 pub fn def(name: &str, query: &str) -> AudienceDef {
     AudienceDef {
         key: audience_sync::audience::derive_key(name).unwrap(),

@@ -1,0 +1,372 @@
+//! The scheduled worker (`audience-sync run`): runs each audience on its cron schedule, safely
+//! with any number of replicas on one database, reloads on SIGHUP and stops gracefully.
+//!
+//! Replicas never talk to each other. Each due run is decided from the `runs` table and then
+//! guarded twice: the audience's advisory lock (held by one session at a time, released by
+//! PostgreSQL when the session ends, even on SIGKILL) and a check, once the lock is held, that
+//! the audience's latest run is still the one the decision was based on. A replica that lost
+//! the race therefore skips quietly instead of running the audience again.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::audience::{Audience, parse_schedule};
+use crate::config::{Config, DaemonConfig, EnvOverrides};
+use crate::sync::{Mode, RunOptions, RunReport, Worker};
+
+/// The latest run of an audience, as the scheduler needs it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct LastRun {
+    pub id: i64,
+    pub status: String,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// When an audience should next run, given its latest run:
+/// - never run: now (its initial sync does not wait for a tick);
+/// - still marked running or abandoned: now (if its owner is alive the lock says so and the
+///   attempt is skipped; if not, the run is resumed);
+/// - succeeded: the first cron tick after it started;
+/// - failed: that tick, or `retry_failed` after it finished if sooner.
+pub fn next_due(
+    schedule: &cron::Schedule,
+    last: Option<&LastRun>,
+    retry_failed: Duration,
+    now: DateTime<Utc>,
+) -> DateTime<Utc> {
+    let Some(last) = last else { return now };
+    let tick = schedule.after(&last.started_at).next();
+    match last.status.as_str() {
+        "running" | "abandoned" => now,
+        "failed" => {
+            let retry = last.finished_at.unwrap_or(last.started_at)
+                + chrono::Duration::from_std(retry_failed).unwrap_or(chrono::Duration::MAX);
+            tick.map_or(retry, |t| t.min(retry))
+        }
+        // A schedule with no future tick (e.g. a past year) never runs again.
+        _ => tick.unwrap_or(DateTime::<Utc>::MAX_UTC),
+    }
+}
+
+/// The latest run of an audience, if any.
+pub async fn last_run(pool: &PgPool, audience_id: i64) -> Result<Option<LastRun>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, status, started_at, finished_at FROM runs
+          WHERE audience_id = $1 ORDER BY id DESC LIMIT 1",
+    )
+    .bind(audience_id)
+    .fetch_optional(pool)
+    .await
+}
+
+/// Loads the config file again and stores its audiences; the old list stays on any error.
+async fn reload(
+    path: Option<&std::path::Path>,
+    env: &EnvOverrides,
+    pool: &PgPool,
+) -> Result<Vec<Audience>> {
+    let cfg = Config::load(path, env)?;
+    crate::cli::check_queries(pool, &cfg).await?;
+    Ok(crate::audience::store_definitions(pool, &cfg.audiences).await?)
+}
+
+struct Scheduled {
+    audience: Audience,
+    schedule: cron::Schedule,
+}
+
+fn schedules(audiences: Vec<Audience>) -> Vec<Scheduled> {
+    audiences
+        .into_iter()
+        .filter(|a| a.def.enabled)
+        .filter_map(|a| match parse_schedule(&a.def.schedule) {
+            Ok(schedule) => Some(Scheduled {
+                audience: a,
+                schedule,
+            }),
+            Err(e) => {
+                // Validated when the config was loaded; kept for safety.
+                tracing::error!(audience = %a.def.key, error = %e, "invalid schedule; audience not scheduled");
+                None
+            }
+        })
+        .collect()
+}
+
+/// Runs the daemon until SIGTERM or SIGINT. `audiences` are the stored audiences of `cfg`.
+pub async fn run(
+    cfg: Config,
+    env: EnvOverrides,
+    pool: PgPool,
+    audiences: Vec<Audience>,
+    worker: Worker,
+    listen: Option<String>,
+) -> Result<()> {
+    let d: DaemonConfig = cfg.daemon.clone();
+    let mut hup = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
+    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+
+    // The ops server: health, readiness, metrics, status page, and (if enabled) triggers.
+    let (trigger_tx, mut trigger_rx) = mpsc::channel::<TriggerRequest>(64);
+    let listen = listen.unwrap_or_else(|| cfg.ops.listen.clone());
+    let listener = tokio::net::TcpListener::bind(&listen)
+        .await
+        .with_context(|| {
+            format!("cannot listen on {listen} for the ops server; set [ops] listen or --listen")
+        })?;
+    let ops_stop = CancellationToken::new();
+    let ops_addr = listener.local_addr()?;
+    let ops_task = tokio::spawn(ops_placeholder(listener, ops_stop.clone()));
+    tracing::info!(listen = %ops_addr, owner = %worker.owner, audiences = audiences.len(), "daemon started");
+
+    let mut scheduled = schedules(audiences);
+    let mut tasks: JoinSet<(String, Option<RunReport>)> = JoinSet::new();
+    let mut running: HashMap<String, tokio::task::AbortHandle> = HashMap::new();
+    // After a run (or a skipped attempt) an audience is not looked at again until then.
+    let mut cool_until: HashMap<String, Instant> = HashMap::new();
+
+    loop {
+        let now = Utc::now();
+        let mut wake = Instant::now() + d.poll_interval;
+        for s in &scheduled {
+            let key = &s.audience.def.key;
+            if running.contains_key(key) {
+                continue;
+            }
+            if let Some(until) = cool_until.get(key) {
+                if *until > Instant::now() {
+                    wake = wake.min(*until);
+                    continue;
+                }
+            }
+            let last = match last_run(&pool, s.audience.id).await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(audience = %key, error = %crate::audience::db_message(&e), "cannot read the latest run; will retry");
+                    continue;
+                }
+            };
+            let due = next_due(&s.schedule, last.as_ref(), d.retry_failed, now);
+            let next_tick = if due <= now {
+                s.schedule.after(&now).next()
+            } else {
+                Some(due)
+            };
+            if let Err(e) = sqlx::query(
+                "UPDATE audiences SET next_run_at = $2 WHERE id = $1 AND next_run_at IS DISTINCT FROM $2",
+            )
+            .bind(s.audience.id)
+            .bind(next_tick)
+            .execute(&pool)
+            .await
+            {
+                tracing::debug!(audience = %key, error = %e, "cannot record the next run time");
+            }
+            if due > now {
+                if let Ok(wait) = (due - now).to_std() {
+                    wake = wake.min(Instant::now() + wait);
+                }
+                continue;
+            }
+            if running.len() >= d.max_concurrent_runs {
+                continue;
+            }
+            let opts = RunOptions {
+                dry_run: false,
+                trigger: "schedule",
+                skip_if_busy: true,
+                expect_last_run: Some(last.as_ref().map(|l| (l.id, l.status.clone()))),
+            };
+            let handle = spawn_run(&mut tasks, &worker, s.audience.clone(), Mode::Sync, opts);
+            running.insert(key.clone(), handle);
+        }
+
+        tokio::select! {
+            _ = tokio::time::sleep_until(wake) => {}
+            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                match done {
+                    Ok((key, report)) => {
+                        running.remove(&key);
+                        cool_until.insert(key.clone(), Instant::now() + d.poll_interval);
+                        if report.is_none() {
+                            tracing::debug!(audience = %key, "skipped: another process has it or already ran it");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "a run task ended abnormally");
+                        running.retain(|_, h| !h.is_finished());
+                    }
+                }
+            }
+            Some(req) = trigger_rx.recv() => {
+                match scheduled.iter().find(|s| s.audience.def.key == req.key) {
+                    Some(s) if !running.contains_key(&req.key) => {
+                        tracing::info!(audience = %req.key, mode = ?req.mode, "run requested over the ops API");
+                        let opts = RunOptions { trigger: "api", ..RunOptions::manual(false) };
+                        let handle = spawn_run(&mut tasks, &worker, s.audience.clone(), req.mode, opts);
+                        running.insert(req.key.clone(), handle);
+                    }
+                    Some(_) => tracing::warn!(audience = %req.key, "run requested over the ops API ignored: this process is already running it"),
+                    None => tracing::warn!(audience = %req.key, "run requested over the ops API for an audience this process does not schedule"),
+                }
+            }
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading the configuration");
+                match reload(cfg.path.as_deref(), &env, &pool).await {
+                    Ok(list) => {
+                        scheduled = schedules(list);
+                        cool_until.clear();
+                        tracing::info!(audiences = scheduled.len(), "configuration reloaded");
+                    }
+                    Err(e) => tracing::error!(error = %format!("{e:#}"), "configuration not reloaded; keeping the previous one"),
+                }
+            }
+            _ = term.recv() => { tracing::info!("SIGTERM: stopping"); break; }
+            _ = int.recv() => { tracing::info!("SIGINT: stopping"); break; }
+        }
+    }
+
+    // Stop claiming; in-flight calls finish and their results are recorded.
+    worker.cancel.cancel();
+    drop(trigger_tx);
+    let drained = tokio::time::timeout(d.grace_period, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+        // Their sessions (and locks) are gone; leave the runs for the next worker to resume.
+        let _ = sqlx::query(
+            "UPDATE runs SET status = 'abandoned', finished_at = now(),
+                    error = 'stopped by shutdown after the grace period; unsent changes stay pending'
+              WHERE owner = $1 AND status = 'running'",
+        )
+        .bind(&worker.owner)
+        .execute(&pool)
+        .await;
+        tracing::warn!(
+            grace_secs = d.grace_period.as_secs(),
+            "grace period over; remaining runs abandoned for the next worker to resume"
+        );
+    }
+    ops_stop.cancel();
+    let _ = ops_task.await;
+    tracing::info!("daemon stopped");
+    Ok(())
+}
+
+// Replaced by crate::ops once it lands.
+#[derive(Debug, Clone)]
+pub struct TriggerRequest {
+    pub key: String,
+    pub mode: Mode,
+}
+async fn ops_placeholder(l: tokio::net::TcpListener, stop: CancellationToken) {
+    stop.cancelled().await;
+    drop(l);
+}
+
+fn spawn_run(
+    tasks: &mut JoinSet<(String, Option<RunReport>)>,
+    worker: &Worker,
+    audience: Audience,
+    mode: Mode,
+    opts: RunOptions,
+) -> tokio::task::AbortHandle {
+    let worker = worker.clone();
+    tasks.spawn(async move {
+        let key = audience.def.key.clone();
+        let report = worker.run_with(&audience, mode, opts).await;
+        (key, report)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn at(h: u32, m: u32, s: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, 28, h, m, s).unwrap()
+    }
+
+    fn last(status: &str, started: DateTime<Utc>, finished: Option<DateTime<Utc>>) -> LastRun {
+        LastRun {
+            id: 1,
+            status: status.into(),
+            started_at: started,
+            finished_at: finished,
+        }
+    }
+
+    const RETRY: Duration = Duration::from_secs(300);
+
+    #[test]
+    fn a_never_run_audience_is_due_now() {
+        let s = parse_schedule("0 0 */3 * * *").unwrap();
+        assert_eq!(next_due(&s, None, RETRY, at(10, 17, 0)), at(10, 17, 0));
+    }
+
+    #[test]
+    fn succeeded_runs_wait_for_the_next_tick_of_each_expression() {
+        let cases = [
+            // every three hours on the hour
+            ("0 0 */3 * * *", at(10, 17, 0), at(12, 0, 0)),
+            // classic 5-field form: every 15 minutes
+            ("*/15 * * * *", at(10, 17, 0), at(10, 30, 0)),
+            // daily at 02:30
+            (
+                "0 30 2 * * *",
+                at(10, 17, 0),
+                Utc.with_ymd_and_hms(2026, 11, 29, 2, 30, 0).unwrap(),
+            ),
+            // Mondays at 09:00 (2026-11-28 is a Saturday)
+            (
+                "0 0 9 * * Mon",
+                at(10, 17, 0),
+                Utc.with_ymd_and_hms(2026, 11, 30, 9, 0, 0).unwrap(),
+            ),
+            // a run started exactly on a tick waits for the following one
+            ("0 0 */3 * * *", at(12, 0, 0), at(15, 0, 0)),
+        ];
+        for (expr, started, want) in cases {
+            let s = parse_schedule(expr).unwrap();
+            let l = last(
+                "succeeded",
+                started,
+                Some(started + chrono::Duration::seconds(40)),
+            );
+            assert_eq!(next_due(&s, Some(&l), RETRY, at(10, 18, 0)), want, "{expr}");
+        }
+    }
+
+    #[test]
+    fn a_failed_run_is_retried_after_the_retry_delay_or_its_tick() {
+        let s = parse_schedule("0 0 */3 * * *").unwrap();
+        let l = last("failed", at(10, 0, 0), Some(at(10, 1, 0)));
+        assert_eq!(next_due(&s, Some(&l), RETRY, at(10, 2, 0)), at(10, 6, 0));
+        let s = parse_schedule("0 */2 * * * *").unwrap();
+        assert_eq!(next_due(&s, Some(&l), RETRY, at(10, 2, 0)), at(10, 2, 0));
+    }
+
+    #[test]
+    fn running_or_abandoned_runs_are_due_now_for_the_lock_to_decide() {
+        let s = parse_schedule("0 0 */3 * * *").unwrap();
+        for status in ["running", "abandoned"] {
+            let l = last(status, at(10, 0, 0), None);
+            assert_eq!(next_due(&s, Some(&l), RETRY, at(10, 5, 0)), at(10, 5, 0));
+        }
+    }
+}

@@ -1,0 +1,368 @@
+//! The scheduled worker as operators run it: real `audience-sync run` processes against one
+//! database, stopped with SIGTERM, killed with SIGKILL, reloaded with SIGHUP.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use sqlx::PgPool;
+use tokio::process::{Child, Command};
+use wiremock::matchers::method;
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+use crate::support::*;
+
+const GRACE_SECS: u64 = 5;
+const CONCURRENCY: usize = 4;
+
+fn config(audiences: &str) -> String {
+    format!(
+        "[wigzo]\nrequests_per_second = 0\nconcurrency = {CONCURRENCY}\nretry_base_ms = 10\nretry_max_ms = 50\n\
+         [daemon]\npoll_interval_secs = 1\ngrace_period_secs = {GRACE_SECS}\nretry_failed_secs = 1\n\
+         {audiences}"
+    )
+}
+
+const ORDERS: &str = "[[audience]]\nname = \"Order Completed Last 30days\"\n\
+     query = \"SELECT id AS user_id, email, phone FROM shop_users WHERE member\"\n";
+const DORMANT: &str = "[[audience]]\nname = \"Dormant Shoppers\"\n\
+     query = \"SELECT id AS user_id FROM shop_users WHERE NOT member\"\n";
+
+struct Daemons {
+    dir: tempfile::TempDir,
+    db: String,
+    wigzo: String,
+}
+
+impl Daemons {
+    fn new(pool: &PgPool, wigzo: &str, cfg: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.toml"), cfg).unwrap();
+        Self {
+            dir,
+            db: db_url(pool),
+            wigzo: wigzo.to_string(),
+        }
+    }
+
+    fn config_path(&self) -> PathBuf {
+        self.dir.path().join("a.toml")
+    }
+
+    /// Starts `audience-sync run`; its log goes to a file in the temp dir.
+    fn start(&self, name: &str) -> Child {
+        let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_audience-sync"))
+            .arg("--config")
+            .arg(self.config_path())
+            .args(["run", "--listen", "127.0.0.1:0"])
+            .env("DATABASE_URL", &self.db)
+            .env("WIGZO_ORG_TOKEN", TOKEN)
+            .env("WIGZO_BASE_URL", &self.wigzo)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    }
+
+    fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let pid = child.id().expect("child still running");
+    let ok = std::process::Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{sig} {pid} failed");
+}
+
+/// Polls `check` every 50 ms until it holds or `secs` pass.
+async fn until<F, Fut>(secs: u64, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn count(pool: &PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()))
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// Waits for a daemon to exit after SIGTERM; returns how long it took.
+async fn stop(child: &mut Child) -> Duration {
+    let t = Instant::now();
+    signal(child, "TERM");
+    let status = tokio::time::timeout(Duration::from_secs(GRACE_SECS + 10), child.wait())
+        .await
+        .expect("daemon did not exit after SIGTERM")
+        .unwrap();
+    assert!(status.success(), "daemon exited with {status}");
+    t.elapsed()
+}
+
+/// Per message id, how many times Wigzo answered it 2xx; and the last value per user.
+async fn received(server: &MockServer) -> (HashMap<String, usize>, HashMap<String, bool>) {
+    let mut ids = HashMap::new();
+    let mut last = HashMap::new();
+    for c in calls(server).await {
+        *ids.entry(c["messageId"].as_str().unwrap().to_string())
+            .or_default() += 1;
+        let key = c["context"]["personas"]["computation_key"]
+            .as_str()
+            .unwrap();
+        last.insert(
+            format!("{key}:{}", c["userId"].as_str().unwrap()),
+            c["traits"][key].as_bool().unwrap(),
+        );
+    }
+    (ids, last)
+}
+
+fn duplicates(ids: &HashMap<String, usize>) -> usize {
+    ids.values().map(|n| n - 1).sum()
+}
+
+async fn slow_wigzo(delay_ms: u64) -> MockServer {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_delay(Duration::from_millis(delay_ms)))
+        .mount(&server)
+        .await;
+    server
+}
+
+async fn requests(server: &MockServer) -> usize {
+    server.received_requests().await.unwrap().len()
+}
+
+#[sqlx::test]
+async fn three_daemons_run_a_due_audience_once(pool: PgPool) {
+    seed(&pool, 700, 600).await;
+    let server = wigzo_ok().await;
+    let d = Daemons::new(&pool, &server.uri(), &config(ORDERS));
+    let mut daemons: Vec<Child> = (0..3).map(|i| d.start(&format!("d{i}"))).collect();
+    until(60, "the initial run to succeed", || async {
+        count(
+            &pool,
+            "SELECT count(*) FROM runs WHERE status = 'succeeded'",
+        )
+        .await
+            == 1
+    })
+    .await;
+    // Each daemon polls every second: give all three a few polls to (not) run it again.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for child in &mut daemons {
+        stop(child).await;
+    }
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM runs").await,
+        1,
+        "ran more than once"
+    );
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM runs WHERE trigger = 'schedule' AND kind = 'initial'"
+        )
+        .await,
+        1
+    );
+    let (ids, last) = received(&server).await;
+    assert_eq!(ids.len(), 600);
+    assert_eq!(duplicates(&ids), 0, "a change was delivered twice");
+    assert!(last.values().all(|v| *v));
+    // The next scheduled run is recorded for dashboards: the next 3-hour tick.
+    let next: Option<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("SELECT next_run_at FROM audiences")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    let next = next.expect("next_run_at recorded");
+    assert!(next > chrono::Utc::now() && next <= chrono::Utc::now() + chrono::Duration::hours(3));
+}
+
+#[sqlx::test]
+async fn sigterm_mid_delivery_exits_in_grace_and_a_restart_finishes_without_loss(pool: PgPool) {
+    seed(&pool, 500, 400).await;
+    let server = slow_wigzo(40).await;
+    let d = Daemons::new(&pool, &server.uri(), &config(ORDERS));
+    let mut first = d.start("first");
+    until(30, "delivery to start", || async {
+        requests(&server).await >= 40
+    })
+    .await;
+
+    // A manual sync while the daemon delivers: refused, sends nothing.
+    let manual = Command::new(env!("CARGO_BIN_EXE_audience-sync"))
+        .arg("--config")
+        .arg(d.config_path())
+        .args(["sync", "--json"])
+        .env("DATABASE_URL", &d.db)
+        .env("WIGZO_ORG_TOKEN", TOKEN)
+        .env("WIGZO_BASE_URL", &d.wigzo)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(manual.status.code(), Some(1));
+    let reports: Value = serde_json::from_slice(&manual.stdout).unwrap();
+    assert!(
+        reports[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("already being synced"),
+        "{reports}"
+    );
+
+    let took = stop(&mut first).await;
+    assert!(took < Duration::from_secs(GRACE_SECS), "took {took:?}");
+    assert!(d.log("first").contains("SIGTERM"));
+    let sent_before = requests(&server).await;
+    assert!(sent_before < 400, "delivery finished before SIGTERM landed");
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM runs WHERE status = 'abandoned'"
+        )
+        .await,
+        1
+    );
+    assert!(count(&pool, "SELECT count(*) FROM outbox").await > 0);
+
+    let mut second = d.start("second");
+    until(60, "the restarted daemon to finish", || async {
+        count(
+            &pool,
+            "SELECT count(*) FROM runs WHERE status = 'succeeded'",
+        )
+        .await
+            == 1
+    })
+    .await;
+    stop(&mut second).await;
+    assert_eq!(count(&pool, "SELECT count(*) FROM outbox").await, 0);
+    let (ids, last) = received(&server).await;
+    assert_eq!(last.len(), 400, "a change was lost");
+    assert!(last.values().all(|v| *v));
+    assert_eq!(ids.len(), 400);
+    assert!(
+        duplicates(&ids) <= CONCURRENCY,
+        "{} duplicates, more than the {CONCURRENCY} calls in flight",
+        duplicates(&ids)
+    );
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM synced_members WHERE member").await,
+        400
+    );
+}
+
+#[sqlx::test]
+async fn a_daemon_killed_mid_run_is_taken_over_by_another(pool: PgPool) {
+    seed(&pool, 500, 400).await;
+    let server = slow_wigzo(30).await;
+    let d = Daemons::new(&pool, &server.uri(), &config(ORDERS));
+    let mut victim = d.start("victim");
+    until(30, "delivery to start", || async {
+        requests(&server).await >= 60
+    })
+    .await;
+    victim.kill().await.unwrap(); // SIGKILL: no chance to clean up
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM runs WHERE status = 'running'").await,
+        1,
+        "the killed run is left marked running"
+    );
+    let mut heir = d.start("heir");
+    until(60, "another daemon to finish the work", || async {
+        count(
+            &pool,
+            "SELECT count(*) FROM runs WHERE status = 'succeeded'",
+        )
+        .await
+            == 1
+    })
+    .await;
+    stop(&mut heir).await;
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM runs WHERE status = 'abandoned'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM runs WHERE status = 'running'").await,
+        0
+    );
+    assert_eq!(count(&pool, "SELECT count(*) FROM outbox").await, 0);
+    let (ids, last) = received(&server).await;
+    assert_eq!(last.len(), 400);
+    assert!(last.values().all(|v| *v));
+    assert!(duplicates(&ids) <= CONCURRENCY, "{}", duplicates(&ids));
+}
+
+#[sqlx::test]
+async fn sighup_picks_up_a_new_audience_and_disables_a_removed_one(pool: PgPool) {
+    seed(&pool, 60, 50).await;
+    let server = wigzo_ok().await;
+    let d = Daemons::new(&pool, &server.uri(), &config(ORDERS));
+    let mut daemon = d.start("d");
+    until(30, "the first audience's initial run", || async {
+        count(
+            &pool,
+            "SELECT count(*) FROM runs WHERE status = 'succeeded'",
+        )
+        .await
+            == 1
+    })
+    .await;
+
+    // A broken file is refused and the daemon keeps going with the previous one.
+    std::fs::write(d.config_path(), config("[[audience]]\nname = \"x\"\n")).unwrap();
+    signal(&daemon, "HUP");
+    until(10, "the bad config to be refused", || async {
+        d.log("d").contains("configuration not reloaded")
+    })
+    .await;
+
+    std::fs::write(d.config_path(), config(DORMANT)).unwrap();
+    signal(&daemon, "HUP");
+    until(30, "the new audience's initial run", || async {
+        count(
+            &pool,
+            "SELECT count(*) FROM runs r JOIN audiences a ON a.id = r.audience_id
+              WHERE a.key = 'dormant_shoppers' AND r.status = 'succeeded'",
+        )
+        .await
+            == 1
+    })
+    .await;
+    stop(&mut daemon).await;
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM audiences WHERE key = 'order_completed_last_30days' AND NOT enabled").await,
+        1
+    );
+    let (_, last) = received(&server).await;
+    assert_eq!(
+        last.keys()
+            .filter(|k| k.starts_with("dormant_shoppers:"))
+            .count(),
+        10
+    );
+}
