@@ -287,6 +287,7 @@ async fn bench(args: &Args, opts: PgConnectOptions) -> Result<Value> {
     wigzo.timeout = Duration::from_secs(30);
     let client = WigzoClient::new(&wigzo)?;
     let target = Target {
+        progress: indicatif::ProgressBar::hidden(),
         audience_id: a.id,
         key: a.def.key.clone(),
     };
@@ -333,6 +334,7 @@ async fn bench(args: &Args, opts: PgConnectOptions) -> Result<Value> {
         statement_timeout: STATEMENT_TIMEOUT,
         owner: owner_id(),
         cancel: CancellationToken::new(),
+        progress: false,
     };
     let rss_before_e2e = status_kib("VmRSS").unwrap_or(0);
     let hwm_reset = reset_peak_rss();

@@ -190,7 +190,9 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::Run(args) => {
             let cfg = load_config(&cli, &env)?;
             let (pool, stored) = prepare(&cfg).await?;
-            let worker = worker(&cfg, pool.clone())?;
+            let mut worker = worker(&cfg, pool.clone())?;
+            // A daemon logs progress; bars are for people watching a CLI command.
+            worker.progress = false;
             crate::scheduler::run(cfg, env.clone(), pool, stored, worker, args.listen.clone())
                 .await?;
             Ok(0)
@@ -315,6 +317,7 @@ pub fn worker(cfg: &Config, pool: sqlx::PgPool) -> Result<Worker> {
         statement_timeout: cfg.database.statement_timeout,
         owner: owner_id(),
         cancel: CancellationToken::new(),
+        progress: true,
     })
 }
 

@@ -44,11 +44,14 @@ pub struct DeliveryReport {
     pub cancelled: bool,
 }
 
-/// Who the audience is, for the payload.
+/// Who the audience is, for the payload, and where progress is shown.
 #[derive(Debug, Clone)]
 pub struct Target {
     pub audience_id: i64,
     pub key: String,
+    /// Advanced as changes are confirmed or given up; `ProgressBar::hidden()` when no
+    /// terminal watches.
+    pub progress: indicatif::ProgressBar,
 }
 
 enum Result1 {
@@ -80,6 +83,7 @@ pub async fn deliver(
     // Recorder: writes results in batches while calls go on.
     let rec_pool = pool.clone();
     let rec_owner = owner.to_string();
+    let rec_progress = target.progress.clone();
     let recorder = tokio::spawn(async move {
         let mut report = DeliveryReport::default();
         let mut buf = Vec::with_capacity(RECORD_BATCH);
@@ -113,6 +117,7 @@ pub async fn deliver(
             }
             report.sent += outbox::confirm(&rec_pool, &rec_owner, &ok).await?;
             outbox::record_failures(&rec_pool, &rec_owner, &bad).await?;
+            rec_progress.inc((ok.len() + bad.len()) as u64);
         }
         Ok::<_, sqlx::Error>(report)
     });
@@ -155,7 +160,7 @@ pub async fn deliver(
                 while tasks.try_join_next().is_some() {}
             }
             if progress.elapsed() > Duration::from_secs(10) {
-                tracing::info!(audience = %target.key, claimed = claimed_total, "delivery progress");
+                tracing::info!(audience = %target.key, claimed = claimed_total, done = target.progress.position(), total = target.progress.length().unwrap_or(0), "delivery progress");
                 progress = Instant::now();
             }
         }

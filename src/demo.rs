@@ -387,6 +387,7 @@ async fn story_on(
         statement_timeout: Duration::from_secs(60),
         owner: owner_id(),
         cancel: CancellationToken::new(),
+        progress: false,
     };
     let all: Vec<&Audience> = stored.iter().collect();
     let mut sent = 0u64;

@@ -3,6 +3,7 @@
 
 use std::time::Instant;
 
+use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use serde_json::Value;
 use sqlx::PgPool;
@@ -39,6 +40,9 @@ pub struct Worker {
     /// Identifies this process in runs and leases.
     pub owner: String,
     pub cancel: CancellationToken,
+    /// Draw a progress bar on stderr during delivery when stderr is a terminal (the CLI);
+    /// otherwise delivery logs a progress line every 10 s.
+    pub progress: bool,
 }
 
 /// How a run was started, and when it should quietly not happen.
@@ -108,6 +112,30 @@ pub fn owner_id() -> String {
 }
 
 impl Worker {
+    /// A bar over the audience's pending changes, or a hidden one.
+    async fn progress_bar(&self, audience_id: i64, key: &str) -> ProgressBar {
+        use std::io::IsTerminal;
+        if !self.progress || !std::io::stderr().is_terminal() {
+            return ProgressBar::hidden();
+        }
+        let pending: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM outbox WHERE audience_id = $1 AND status = 'pending'",
+        )
+        .bind(audience_id)
+        .fetch_one(&self.pool)
+        .await
+        .unwrap_or(0);
+        let bar = ProgressBar::new(pending.max(0) as u64);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} changes ({per_sec}, eta {eta})",
+            )
+            .expect("valid template"),
+        );
+        bar.set_prefix(key.to_string());
+        bar
+    }
+
     /// Runs one audience by hand. Failures of the run are in the report (status `failed`).
     pub async fn run(&self, audience: &Audience, mode: Mode, dry_run: bool) -> RunReport {
         self.run_with(audience, mode, RunOptions::manual(dry_run))
@@ -330,9 +358,11 @@ impl Worker {
             .execute(&mut conn)
             .await;
 
+        let progress = self.progress_bar(audience.id, key).await;
         let target = Target {
             audience_id: audience.id,
             key: key.clone(),
+            progress: progress.clone(),
         };
         let d = delivery::deliver(
             &self.pool,
@@ -344,6 +374,7 @@ impl Worker {
         )
         .await
         .map_err(|e| e.to_string())?;
+        progress.finish_and_clear();
         report.sent = d.sent;
         report.failed = d.failed;
         report.retried = d.retried;

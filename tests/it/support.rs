@@ -94,6 +94,7 @@ pub fn worker_with(pool: &PgPool, w: WigzoConfig) -> Worker {
         statement_timeout: Duration::from_secs(5),
         owner: audience_sync::sync::owner_id(),
         cancel: CancellationToken::new(),
+        progress: false,
     }
 }
 
