@@ -127,11 +127,22 @@ pub async fn deliver(
     let mut progress = Instant::now();
     let mut claimed_total = 0u64;
     let claim_result: Result<(), sqlx::Error> = async {
+        // One pass in id order, then one more from the start for anything skipped (rows
+        // whose lease, held by a process that died, expired meanwhile).
+        let mut after_id = 0i64;
+        let mut second_pass = false;
         while !stop.is_cancelled() {
-            let batch = outbox::claim(pool, target.audience_id, owner, cfg.batch_size).await?;
+            let batch =
+                outbox::claim(pool, target.audience_id, owner, after_id, cfg.batch_size).await?;
             if batch.is_empty() {
-                break;
+                if second_pass || after_id == 0 {
+                    break;
+                }
+                second_pass = true;
+                after_id = 0;
+                continue;
             }
+            after_id = batch.iter().map(|c| c.id).max().unwrap_or(after_id);
             claimed_total += batch.len() as u64;
             for change in batch {
                 let permit = tokio::select! {

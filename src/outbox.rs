@@ -23,12 +23,16 @@ pub struct Change {
     pub detected_at: DateTime<Utc>,
 }
 
-/// Claims up to `limit` pending changes of one audience for `owner`. Each claim counts as an
-/// attempt: once claimed, the change may have reached Wigzo.
+/// Claims up to `limit` pending changes of one audience for `owner`, in id order after
+/// `after_id` (the last id of the previous batch: each claim seeks straight past the rows
+/// already claimed or confirmed in this delivery, so a delivery scans the outbox once instead
+/// of once per batch). Each claim counts as an attempt: once claimed, the change may have
+/// reached Wigzo.
 pub async fn claim(
     pool: &PgPool,
     audience_id: i64,
     owner: &str,
+    after_id: i64,
     limit: i64,
 ) -> Result<Vec<Change>, sqlx::Error> {
     sqlx::query_as::<_, Change>(
@@ -37,7 +41,8 @@ pub async fn claim(
                 attempts = attempts + 1
           WHERE o.id IN (
                 SELECT id FROM outbox
-                 WHERE audience_id = $1 AND status = 'pending' AND next_attempt_at <= now()
+                 WHERE audience_id = $1 AND status = 'pending' AND id > $5
+                   AND next_attempt_at <= now()
                    AND (lease_until IS NULL OR lease_until < now())
                  ORDER BY id
                  LIMIT $3
@@ -49,6 +54,7 @@ pub async fn claim(
     .bind(owner)
     .bind(limit)
     .bind(LEASE_SECS as f64)
+    .bind(after_id)
     .fetch_all(pool)
     .await
 }

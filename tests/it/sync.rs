@@ -184,7 +184,7 @@ async fn a_crash_between_send_and_confirm_loses_nothing_and_keeps_message_ids(po
     audience_sync::diff::write_outbox(&mut conn, a.id, run_id, false)
         .await
         .unwrap();
-    let claimed = audience_sync::outbox::claim(&pool, a.id, "dead:1", 4)
+    let claimed = audience_sync::outbox::claim(&pool, a.id, "dead:1", 0, 4)
         .await
         .unwrap();
     assert_eq!(claimed.len(), 4);
