@@ -43,9 +43,12 @@ pub async fn connect(url: &SecretString, max_connections: u32) -> Result<PgPool,
     Ok(pool)
 }
 
+/// The migrations in `migrations/`, embedded at build time.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
 /// Applies the migrations in `migrations/` (embedded at build time).
 pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
-    sqlx::migrate!("./migrations")
+    MIGRATOR
         .run(pool)
         .await
         .map_err(|e| DbError::Migrate(e.to_string()))

@@ -10,6 +10,8 @@ pub mod delivery;
 pub mod demo;
 pub mod diff;
 pub mod embedded_pg;
+pub mod metrics;
+pub mod ops;
 pub mod outbox;
 pub mod receiver;
 pub mod scheduler;

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::audience::{Audience, parse_schedule};
 use crate::config::{Config, DaemonConfig, EnvOverrides};
+use crate::ops::{OpsState, Trigger, TriggerRequest};
 use crate::sync::{Mode, RunOptions, RunReport, Worker};
 
 /// The latest run of an audience, as the scheduler needs it.
@@ -119,6 +120,10 @@ pub async fn run(
 
     // The ops server: health, readiness, metrics, status page, and (if enabled) triggers.
     let (trigger_tx, mut trigger_rx) = mpsc::channel::<TriggerRequest>(64);
+    let trigger = cfg.ops.trigger_token.clone().map(|token| Trigger {
+        token,
+        tx: trigger_tx.clone(),
+    });
     let listen = listen.unwrap_or_else(|| cfg.ops.listen.clone());
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
@@ -127,7 +132,14 @@ pub async fn run(
         })?;
     let ops_stop = CancellationToken::new();
     let ops_addr = listener.local_addr()?;
-    let ops_task = tokio::spawn(ops_placeholder(listener, ops_stop.clone()));
+    let ops_task = tokio::spawn(crate::ops::serve(
+        listener,
+        OpsState {
+            pool: pool.clone(),
+            trigger,
+        },
+        ops_stop.clone(),
+    ));
     tracing::info!(listen = %ops_addr, owner = %worker.owner, audiences = audiences.len(), "daemon started");
 
     let mut scheduled = schedules(audiences);
@@ -265,17 +277,6 @@ pub async fn run(
     let _ = ops_task.await;
     tracing::info!("daemon stopped");
     Ok(())
-}
-
-// Replaced by crate::ops once it lands.
-#[derive(Debug, Clone)]
-pub struct TriggerRequest {
-    pub key: String,
-    pub mode: Mode,
-}
-async fn ops_placeholder(l: tokio::net::TcpListener, stop: CancellationToken) {
-    stop.cancelled().await;
-    drop(l);
 }
 
 fn spawn_run(

@@ -127,6 +127,13 @@ impl WigzoClient {
 
     /// Sends one call and classifies the answer. Never returns or logs the token.
     pub async fn send(&self, body: &Value) -> Outcome {
+        let started = std::time::Instant::now();
+        let outcome = self.send_inner(body).await;
+        crate::metrics::observe_delivery_latency(started.elapsed().as_secs_f64());
+        outcome
+    }
+
+    async fn send_inner(&self, body: &Value) -> Outcome {
         let res = self
             .http
             .post(&self.url)

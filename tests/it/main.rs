@@ -7,4 +7,5 @@ mod chaos;
 mod cli;
 mod daemon;
 mod delivery;
+mod ops;
 mod sync;

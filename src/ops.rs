@@ -1,0 +1,462 @@
+//! The daemon's HTTP server for operators: liveness, readiness, Prometheus metrics, a
+//! server-rendered status page, and (only with a configured bearer token) run triggers.
+
+use std::fmt::Write as _;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use chrono::{DateTime, Utc};
+use secrecy::{ExposeSecret, SecretString};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::sync::Mode;
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct OpsState {
+    pub pool: PgPool,
+    /// `None`: the POST endpoints answer 404 (the default).
+    pub trigger: Option<Trigger>,
+}
+
+/// Where API-triggered runs go, and the bearer token that guards them.
+#[derive(Clone)]
+pub struct Trigger {
+    pub token: SecretString,
+    pub tx: tokio::sync::mpsc::Sender<TriggerRequest>,
+}
+
+/// A run asked for over the API.
+#[derive(Debug, Clone)]
+pub struct TriggerRequest {
+    pub key: String,
+    pub mode: Mode,
+}
+
+pub fn router(state: OpsState) -> Router {
+    Router::new()
+        .route("/", get(page))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/api/audiences/{key}/sync", post(trigger_sync))
+        .route("/api/audiences/{key}/resync", post(trigger_resync))
+        .with_state(state)
+}
+
+/// Serves until `shutdown` is cancelled.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: OpsState,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+fn text(status: StatusCode, body: impl Into<String>) -> Response {
+    (status, body.into()).into_response()
+}
+
+async fn readyz(State(s): State<OpsState>) -> Response {
+    let applied: Result<Vec<i64>, sqlx::Error> =
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
+            .fetch_all(&s.pool)
+            .await;
+    let applied = match applied {
+        Ok(v) => v,
+        Err(e) => {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("database not ready: {}\n", crate::audience::db_message(&e)),
+            );
+        }
+    };
+    let missing: Vec<i64> = crate::db::MIGRATOR
+        .iter()
+        .map(|m| m.version)
+        .filter(|v| !applied.contains(v))
+        .collect();
+    if missing.is_empty() {
+        text(StatusCode::OK, "ready\n")
+    } else {
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("migrations not applied: {missing:?}; run `audience-sync migrate`\n"),
+        )
+    }
+}
+
+async fn metrics(State(s): State<OpsState>) -> Response {
+    match crate::metrics::render(&s.pool).await {
+        Ok(body) => ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], body).into_response(),
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!(
+                "cannot read metrics from the database: {}\n",
+                crate::audience::db_message(&e)
+            ),
+        ),
+    }
+}
+
+async fn trigger_sync(s: State<OpsState>, key: Path<String>, h: HeaderMap) -> Response {
+    trigger(s, key, h, Mode::Sync).await
+}
+
+async fn trigger_resync(s: State<OpsState>, key: Path<String>, h: HeaderMap) -> Response {
+    trigger(s, key, h, Mode::FullResync).await
+}
+
+/// Equal-length-independent, data-independent comparison.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for (i, x) in a.iter().enumerate() {
+        diff |= (*x ^ b.get(i).copied().unwrap_or(0)) as usize;
+    }
+    diff == 0
+}
+
+async fn trigger(
+    State(s): State<OpsState>,
+    Path(key): Path<String>,
+    headers: HeaderMap,
+    mode: Mode,
+) -> Response {
+    let Some(t) = &s.trigger else {
+        return text(
+            StatusCode::NOT_FOUND,
+            "run triggers are off; set [ops] trigger_token to enable them\n",
+        );
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if !same(given.as_bytes(), t.token.expose_secret().as_bytes()) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            "missing or wrong bearer token\n",
+        )
+            .into_response();
+    }
+    let known: Result<bool, sqlx::Error> =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM audiences WHERE key = $1 AND enabled)")
+            .bind(&key)
+            .fetch_one(&s.pool)
+            .await;
+    match known {
+        Ok(true) => {}
+        Ok(false) => {
+            return text(
+                StatusCode::NOT_FOUND,
+                format!("no enabled audience with key {key:?}\n"),
+            );
+        }
+        Err(e) => {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                crate::audience::db_message(&e),
+            );
+        }
+    }
+    let mode_name = if mode == Mode::Sync {
+        "sync"
+    } else {
+        "full_resync"
+    };
+    match t.tx.try_send(TriggerRequest {
+        key: key.clone(),
+        mode,
+    }) {
+        Ok(()) => (
+            StatusCode::ACCEPTED,
+            axum::Json(serde_json::json!({"queued": true, "audience": key, "mode": mode_name})),
+        )
+            .into_response(),
+        Err(_) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the worker is not taking requests (stopping or busy); try again\n",
+        ),
+    }
+}
+
+/// HTML-escapes text from the database (audience names are user input).
+pub fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+fn when(t: Option<DateTime<Utc>>) -> String {
+    t.map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+        .unwrap_or_else(|| "—".into())
+}
+
+#[derive(sqlx::FromRow)]
+struct AudienceRow {
+    audience_id: i64,
+    key: String,
+    name: String,
+    enabled: bool,
+    members: i64,
+    last_run_kind: Option<String>,
+    last_run_status: Option<String>,
+    last_run_finished_at: Option<DateTime<Utc>>,
+    next_run_at: Option<DateTime<Utc>>,
+    pending: i64,
+    failed: i64,
+    oldest_pending_s: Option<f64>,
+}
+
+#[derive(sqlx::FromRow)]
+struct RunRow {
+    run_id: i64,
+    key: String,
+    kind: String,
+    status: String,
+    trigger: String,
+    started_at: DateTime<Utc>,
+    duration_s: Option<f64>,
+    members: Option<i64>,
+    added: Option<i64>,
+    removed: Option<i64>,
+    sent: i64,
+    failed: i64,
+    error: Option<String>,
+}
+
+#[derive(sqlx::FromRow)]
+struct FailedRow {
+    key: String,
+    user_id: String,
+    value: bool,
+    status: String,
+    attempts: i32,
+    last_status: Option<i32>,
+    last_error: Option<String>,
+}
+
+/// Members after each of the audience's last 50 finished runs, as a small SVG line.
+fn chart(points: &[i64]) -> String {
+    const W: f64 = 160.0;
+    const H: f64 = 32.0;
+    if points.len() < 2 {
+        return String::from(r#"<svg class="chart" width="160" height="32"></svg>"#);
+    }
+    let max = *points.iter().max().unwrap_or(&1) as f64;
+    let max = if max <= 0.0 { 1.0 } else { max };
+    let step = W / (points.len() - 1) as f64;
+    let coords: Vec<String> = points
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            format!(
+                "{:.1},{:.1}",
+                i as f64 * step,
+                H - 2.0 - (*p as f64 / max) * (H - 4.0)
+            )
+        })
+        .collect();
+    format!(
+        r##"<svg class="chart" width="160" height="32" role="img" aria-label="members over the last {} runs"><polyline fill="none" stroke="#2563eb" stroke-width="1.5" points="{}"/></svg>"##,
+        points.len(),
+        coords.join(" ")
+    )
+}
+
+async fn page(State(s): State<OpsState>) -> Response {
+    match render_page(&s.pool).await {
+        Ok(html) => Html(html).into_response(),
+        Err(e) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "cannot read the status from the database: {}\n",
+                crate::audience::db_message(&e)
+            ),
+        ),
+    }
+}
+
+async fn render_page(pool: &PgPool) -> Result<String, sqlx::Error> {
+    let audiences: Vec<AudienceRow> = sqlx::query_as(
+        "SELECT audience_id, key, name, enabled, members, last_run_kind, last_run_status,
+                last_run_finished_at, next_run_at, pending, failed,
+                extract(epoch FROM oldest_pending_age)::float8 AS oldest_pending_s
+           FROM ops.audience_overview ORDER BY key",
+    )
+    .fetch_all(pool)
+    .await?;
+    let history: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT audience_id, members FROM (
+            SELECT audience_id, members, id,
+                   row_number() OVER (PARTITION BY audience_id ORDER BY id DESC) AS n
+              FROM runs WHERE finished_at IS NOT NULL AND members IS NOT NULL) r
+          WHERE n <= 50 ORDER BY audience_id, id",
+    )
+    .fetch_all(pool)
+    .await?;
+    let runs: Vec<RunRow> = sqlx::query_as(
+        "SELECT run_id, key, kind, status, trigger, started_at, duration_s::float8 AS duration_s,
+                members, added, removed, sent, failed, error
+           FROM ops.recent_runs ORDER BY run_id DESC LIMIT 20",
+    )
+    .fetch_all(pool)
+    .await?;
+    let failed: Vec<FailedRow> = sqlx::query_as(
+        "SELECT key, user_id, value, status, attempts, last_status, last_error
+           FROM ops.failed_changes ORDER BY created_at DESC, user_id LIMIT 50",
+    )
+    .fetch_all(pool)
+    .await?;
+
+    let mut h = String::with_capacity(16 * 1024);
+    h.push_str(
+        r#"<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="30">
+<title>audience-sync status</title>
+<style>
+body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#111}
+h1{font-size:20px}h2{font-size:16px;margin-top:28px}
+table{border-collapse:collapse;width:100%}th,td{padding:4px 8px;border-bottom:1px solid #e5e7eb;text-align:left;vertical-align:middle}
+th{background:#f9fafb}.num{text-align:right;font-variant-numeric:tabular-nums}
+.succeeded{color:#15803d}.failed,.rejected{color:#b91c1c}.running{color:#1d4ed8}.abandoned{color:#a16207}
+.muted{color:#6b7280}
+</style></head><body>
+<h1>audience-sync</h1>
+"#,
+    );
+    let _ = writeln!(
+        h,
+        r#"<p class="muted">Generated {} UTC; refreshes every 30 s.</p>"#,
+        Utc::now().format("%Y-%m-%d %H:%M:%S")
+    );
+    h.push_str(
+        r#"<h2>Audiences</h2><table id="audiences"><tr><th>Key</th><th>Name</th><th>State</th><th class="num">Members</th><th>Members over time</th><th>Last run</th><th>Finished (UTC)</th><th>Next run (UTC)</th><th class="num">Pending</th><th class="num">Failed</th><th class="num">Oldest pending</th></tr>"#,
+    );
+    for a in &audiences {
+        let points: Vec<i64> = history
+            .iter()
+            .filter(|(id, _)| *id == a.audience_id)
+            .map(|(_, m)| *m)
+            .collect();
+        let status = a.last_run_status.as_deref().unwrap_or("never run");
+        let _ = write!(
+            h,
+            r#"<tr class="audience" data-key="{key}"><td><code>{key}</code></td><td>{name}</td><td>{state}</td><td class="num">{members}</td><td>{chart}</td><td class="{status_class}">{kind} {status}</td><td>{finished}</td><td>{next}</td><td class="num">{pending}</td><td class="num{failed_class}">{failed}</td><td class="num">{oldest}</td></tr>"#,
+            key = esc(&a.key),
+            name = esc(&a.name),
+            state = if a.enabled { "enabled" } else { "disabled" },
+            members = a.members,
+            chart = chart(&points),
+            status_class = esc(status),
+            kind = esc(a.last_run_kind.as_deref().unwrap_or("")),
+            status = esc(status),
+            finished = when(a.last_run_finished_at),
+            next = when(a.next_run_at),
+            pending = a.pending,
+            failed_class = if a.failed > 0 { " failed" } else { "" },
+            failed = a.failed,
+            oldest = a
+                .oldest_pending_s
+                .map(|s| format!("{s:.0} s"))
+                .unwrap_or_else(|| "—".into()),
+        );
+    }
+    h.push_str("</table>\n");
+
+    h.push_str(
+        r#"<h2>Recent runs</h2><table id="recent-runs"><tr><th>Run</th><th>Audience</th><th>Kind</th><th>Trigger</th><th>Status</th><th>Started (UTC)</th><th class="num">Duration</th><th class="num">Members</th><th class="num">Entered</th><th class="num">Left</th><th class="num">Sent</th><th class="num">Failed</th><th>Error</th></tr>"#,
+    );
+    for r in &runs {
+        let opt = |v: Option<i64>| v.map(|v| v.to_string()).unwrap_or_default();
+        let _ = write!(
+            h,
+            r#"<tr class="run" data-run="{}"><td>{}</td><td><code>{}</code></td><td>{}</td><td>{}</td><td class="{}">{}</td><td>{}</td><td class="num">{}</td><td class="num">{}</td><td class="num">{}</td><td class="num">{}</td><td class="num">{}</td><td class="num">{}</td><td>{}</td></tr>"#,
+            r.run_id,
+            r.run_id,
+            esc(&r.key),
+            esc(&r.kind),
+            esc(&r.trigger),
+            esc(&r.status),
+            esc(&r.status),
+            r.started_at.format("%Y-%m-%d %H:%M:%S"),
+            r.duration_s
+                .map(|d| format!("{d:.1} s"))
+                .unwrap_or_default(),
+            opt(r.members),
+            opt(r.added),
+            opt(r.removed),
+            r.sent,
+            r.failed,
+            esc(r.error.as_deref().unwrap_or("")),
+        );
+    }
+    h.push_str("</table>\n");
+
+    h.push_str(
+        r#"<h2>Failed changes</h2><table id="failed-changes"><tr><th>Audience</th><th>User id</th><th>Value</th><th>Status</th><th class="num">Attempts</th><th class="num">HTTP status</th><th>Error</th></tr>"#,
+    );
+    if failed.is_empty() {
+        h.push_str(r#"<tr><td colspan="7" class="muted">None.</td></tr>"#);
+    }
+    for f in &failed {
+        let _ = write!(
+            h,
+            r#"<tr class="failed-change"><td><code>{}</code></td><td>{}</td><td>{}</td><td class="{}">{}</td><td class="num">{}</td><td class="num http-status">{}</td><td>{}</td></tr>"#,
+            esc(&f.key),
+            esc(&f.user_id),
+            f.value,
+            esc(&f.status),
+            esc(&f.status),
+            f.attempts,
+            f.last_status.map(|s| s.to_string()).unwrap_or_default(),
+            esc(f.last_error.as_deref().unwrap_or("")),
+        );
+    }
+    h.push_str("</table>\n</body></html>\n");
+    Ok(h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_markup_and_quotes() {
+        assert_eq!(
+            esc(r#"<script>alert("x")</script> & 'y'"#),
+            "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; &#39;y&#39;"
+        );
+    }
+
+    #[test]
+    fn compares_tokens_by_content_and_length() {
+        assert!(same(b"abc", b"abc"));
+        assert!(!same(b"abc", b"abd"));
+        assert!(!same(b"abc", b"abcd"));
+        assert!(!same(b"", b"x"));
+    }
+
+    #[test]
+    fn charts_need_two_points() {
+        assert!(!chart(&[5]).contains("polyline"));
+        assert!(chart(&[1, 5, 3]).contains("polyline"));
+    }
+}
