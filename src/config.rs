@@ -185,6 +185,31 @@ impl Default for DaemonConfig {
     }
 }
 
+/// Settings whose values are secrets (tokens, URLs that may hold passwords).
+const SECRET_SETTINGS: &[&str] = &["org_token", "trigger_token", "url", "source_url"];
+
+/// Parse errors quote the offending line and sometimes the value; blank out the values of
+/// secret settings wherever they appear in `message`.
+fn redact_secrets(text: &str, message: &str) -> String {
+    let mut out = message.to_string();
+    for line in text.lines() {
+        let Some((name, value)) = line.split_once('=') else {
+            continue;
+        };
+        if !SECRET_SETTINGS.contains(&name.trim().trim_matches('"')) {
+            continue;
+        }
+        let value = value.split(" #").next().unwrap_or(value).trim();
+        let bare = value.trim_matches(|c| c == '"' || c == '\'');
+        for v in [value, bare] {
+            if v.len() >= 3 {
+                out = out.replace(v, "[redacted]");
+            }
+        }
+    }
+    out
+}
+
 /// Where the config file comes from: `--config`, else `$AUDIENCE_SYNC_CONFIG`, else
 /// `./audience-sync.toml` if present, else none (environment only).
 pub fn locate(explicit: Option<&Path>) -> Option<PathBuf> {
@@ -236,7 +261,7 @@ impl Config {
     pub fn parse(text: &str, path: &Path, env: &EnvOverrides) -> Result<Self, ConfigError> {
         let raw: RawFile = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
-            message: e.to_string().trim_end().to_string(),
+            message: redact_secrets(text, e.to_string().trim_end()),
         })?;
         let setting = |setting: &str, reason: &str| ConfigError::Setting {
             setting: setting.to_string(),

@@ -8,4 +8,5 @@ mod cli;
 mod daemon;
 mod delivery;
 mod ops;
+mod props;
 mod sync;
