@@ -19,6 +19,8 @@ use crate::wigzo::{WigzoClient, identify_payload};
 
 /// First key of the two-key advisory lock that makes runs of one audience exclusive.
 const LOCK_CLASS: i32 = 0x4153_4e43;
+/// How often a delivering run checks that it still holds its audience lock.
+const LOCK_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -364,15 +366,36 @@ impl Worker {
             key: key.clone(),
             progress: progress.clone(),
         };
-        let d = delivery::deliver(
-            &self.pool,
-            &self.client,
-            &self.wigzo,
-            &target,
-            &self.owner,
-            &self.cancel,
-        )
-        .await
+        // The audience lock lives on `conn`: if that session ends (database restart,
+        // failover, terminated backend) the lock is gone and another worker may take the
+        // audience, so delivery stops claiming. Checked every LOCK_CHECK while calls go on.
+        let run_cancel = self.cancel.child_token();
+        let mut lock_lost = false;
+        let d = {
+            let deliver = delivery::deliver(
+                &self.pool,
+                &self.client,
+                &self.wigzo,
+                &target,
+                &self.owner,
+                &run_cancel,
+            );
+            tokio::pin!(deliver);
+            let mut check = tokio::time::interval(LOCK_CHECK);
+            check.tick().await;
+            loop {
+                tokio::select! {
+                    r = &mut deliver => break r,
+                    _ = check.tick(), if !lock_lost => {
+                        if sqlx::query("SELECT 1").execute(&mut conn).await.is_err() {
+                            tracing::warn!(audience = %key, "lost the audience lock (its database session ended); stopping delivery");
+                            lock_lost = true;
+                            run_cancel.cancel();
+                        }
+                    }
+                }
+            }
+        }
         .map_err(|e| e.to_string())?;
         progress.finish_and_clear();
         report.sent = d.sent;
@@ -385,6 +408,12 @@ impl Worker {
             return Err(format!(
                 "Wigzo refused the organization token (HTTP {status}); check WIGZO_ORG_TOKEN / [wigzo] org_token. Nothing unconfirmed was lost: {} changes stay pending",
                 (report.added + report.removed) as u64 - d.sent
+            ));
+        }
+        if lock_lost {
+            return Err(format!(
+                "lost the lock on audience {key:?} when its database session ended (restart or failover?); {} changes were confirmed, the rest stay pending for the next run",
+                d.sent
             ));
         }
         if d.cancelled {

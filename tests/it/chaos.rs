@@ -490,3 +490,76 @@ async fn sigkill_at_many_points_then_rerun_converges(pool: PgPool) {
         0
     );
 }
+
+/// Every database connection of the worker is terminated mid-delivery (as a PostgreSQL
+/// restart or failover would): the run ends cleanly with an error or finishes, nothing
+/// confirmed is lost, and the next run converges.
+#[sqlx::test]
+async fn connections_terminated_mid_delivery_lose_nothing(pool: PgPool) {
+    seed(&pool, 2500, 2000).await;
+    let a = audience(&pool).await;
+    let chaos = Chaos::start(Faults {
+        delay: Duration::from_millis(40),
+        ..Faults::default()
+    })
+    .await;
+    let w = worker_with(&pool, chaos_config(&chaos));
+    let run = {
+        let (w, a) = (w.clone(), a.clone());
+        tokio::spawn(async move { sync(&w, &a).await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while chaos.received() < 400 {
+        assert!(Instant::now() < deadline, "delivery never started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let terminated: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+          WHERE datname = current_database() AND pid <> pg_backend_pid()) t",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(terminated >= 2, "the lock connection and a pool connection");
+    let first = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("the run hung after its connections were terminated")
+        .expect("the run panicked");
+    // The run lost its audience lock with its session: it must stop, not deliver on
+    // unguarded, and say why.
+    assert!(!first.succeeded(), "{first:?}");
+    let error = first.error.clone().unwrap();
+    assert!(
+        error.contains("lost the lock") || error.contains("connection"),
+        "{error}"
+    );
+    let confirmed_before = scalar(&pool, "SELECT count(*) FROM membership_events").await;
+
+    let second = sync(&w, &a).await;
+    assert!(second.succeeded(), "{second:?}");
+    let c = convergence(&chaos.calls(), &members(&pool).await);
+    eprintln!(
+        "terminate: first={} ({}) sent_first={} calls={} duplicates={} wrong={}",
+        first.status,
+        error,
+        first.sent,
+        c.calls,
+        c.duplicates,
+        c.wrong.len()
+    );
+    assert!(
+        c.wrong.is_empty(),
+        "lost: {:?}",
+        &c.wrong[..c.wrong.len().min(5)]
+    );
+    assert!(scalar(&pool, "SELECT count(*) FROM membership_events").await >= confirmed_before);
+    assert_eq!(
+        scalar(&pool, "SELECT count(*) FROM synced_members WHERE member").await,
+        2000
+    );
+    assert_eq!(scalar(&pool, "SELECT count(*) FROM outbox").await, 0);
+    assert_eq!(
+        scalar(&pool, "SELECT count(*) FROM runs WHERE status = 'running'").await,
+        0
+    );
+}
