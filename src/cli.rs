@@ -261,8 +261,18 @@ async fn connect(cfg: &Config) -> Result<sqlx::PgPool> {
 
 /// Connects, migrates, checks every audience's query, and stores the definitions. Nothing is
 /// stored unless every audience is valid.
+///
+/// A config without any `[[audience]]` stores nothing: an empty or missing file (a mount that
+/// failed, a typo in the path) must not disable every audience. To stop syncing an audience,
+/// set `enabled = false` on it or remove it while keeping the others.
 pub async fn prepare(cfg: &Config) -> Result<(sqlx::PgPool, Vec<Audience>)> {
     let pool = connect(cfg).await?;
+    if cfg.audiences.is_empty() {
+        tracing::warn!(
+            "the configuration defines no [[audience]]; stored audiences are left as they are"
+        );
+        return Ok((pool, Vec::new()));
+    }
     check_queries(&pool, cfg).await?;
     let stored = audience::store_definitions(&pool, &cfg.audiences).await?;
     Ok((pool, stored))

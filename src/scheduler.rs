@@ -77,6 +77,11 @@ async fn reload(
     pool: &PgPool,
 ) -> Result<Vec<Audience>> {
     let cfg = Config::load(path, env)?;
+    if cfg.audiences.is_empty() {
+        anyhow::bail!(
+            "the configuration defines no [[audience]]; set enabled = false on audiences to stop them"
+        );
+    }
     crate::cli::check_queries(pool, &cfg).await?;
     Ok(crate::audience::store_definitions(pool, &cfg.audiences).await?)
 }

@@ -145,3 +145,103 @@ async fn a_bad_config_is_refused_and_changes_nothing_stored(pool: PgPool) {
         1
     );
 }
+
+/// Hostile or broken config files: each is refused (exit 2) with a message naming the
+/// problem, and the audience already stored keeps its state.
+#[sqlx::test]
+async fn hostile_configs_are_refused_and_change_nothing(pool: PgPool) {
+    seed(&pool, 10, 4).await;
+    let server = wigzo_ok().await;
+    assert_eq!(run(&pool, CONFIG, &server.uri(), &["sync"]).code, 0);
+    let aud = |extra: &str| {
+        format!(
+            "[[audience]]\nname = \"Order Completed Last 30days\"\nquery = \"SELECT id AS user_id FROM shop_users WHERE member\"\n{extra}"
+        )
+    };
+    let cases: Vec<(String, &str)> = vec![
+        ("[wigzo]\nconcurrency = \"eight\"\n".into(), "concurrency"),
+        ("[wigzo\n".into(), "not valid"),
+        (
+            format!(
+                "{}\n[[audience]]\nname = \"order completed last 30DAYS\"\nquery = \"SELECT 1 AS user_id\"\n",
+                aud("")
+            ),
+            "already used",
+        ),
+        (
+            aud("key = \"x'; DROP TABLE audiences; --\""),
+            "is not valid",
+        ),
+        (aud("schedule = \"every tuesday\""), "not a valid cron"),
+        (
+            "[[audience]]\nname = \"🎉🎉\"\nquery = \"SELECT 1 AS user_id\"\n".into(),
+            "no key can be derived",
+        ),
+        (
+            "[[audience]]\nname = \"Bad SQL\"\nquery = \"SELEC id AS user_id FROM shop_users\"\n"
+                .into(),
+            "not valid SQL",
+        ),
+        (
+            "[[audience]]\nname = \"Writes\"\nquery = \"DROP TABLE shop_users\"\n".into(),
+            "syntax error at or near \"TABLE\"",
+        ),
+    ];
+    for (config, want) in cases {
+        let o = run(&pool, &config, &server.uri(), &["sync"]);
+        assert_eq!(o.code, 2, "{config}\n{}", o.stderr);
+        assert!(
+            o.stderr.contains(want),
+            "{config}\nwanted {want:?} in: {}",
+            o.stderr
+        );
+        assert_eq!(
+            scalar(&pool, "SELECT count(*) FROM audiences WHERE enabled").await,
+            1,
+            "{config}"
+        );
+        assert_eq!(
+            scalar(&pool, "SELECT count(*) FROM synced_members WHERE member").await,
+            4
+        );
+        assert_eq!(scalar(&pool, "SELECT count(*) FROM shop_users").await, 10);
+    }
+    // An empty file stores nothing either: it does not disable the stored audience.
+    let o = run(&pool, "", &server.uri(), &["sync"]);
+    assert_eq!(o.code, 2);
+    assert!(o.stderr.contains("no enabled audiences"), "{}", o.stderr);
+    assert_eq!(
+        scalar(&pool, "SELECT count(*) FROM audiences WHERE enabled").await,
+        1
+    );
+    // An unreachable source database fails that audience's run, clearly, and nothing else.
+    let o = run(
+        &pool,
+        &format!(
+            "{CONFIG}\n[[audience]]\nname = \"Remote\"\nsource_url = \"postgres://nobody@127.0.0.1:9/x\"\nquery = \"SELECT 1 AS user_id\"\n"
+        ),
+        &server.uri(),
+        &["sync", "--json"],
+    );
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    let remote = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["audience"] == "remote")
+        .unwrap();
+    assert!(
+        remote["error"]
+            .as_str()
+            .unwrap()
+            .contains("cannot connect to the source database"),
+        "{remote}"
+    );
+    assert!(
+        v.as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["status"] == "succeeded")
+    );
+}
