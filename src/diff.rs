@@ -57,6 +57,34 @@ pub async fn write_outbox(
 ) -> Result<DiffCounts, sqlx::Error> {
     use sqlx::Connection;
     let mut tx = conn.begin().await?;
+    // First sync of an audience (nothing confirmed, nothing owed): every member is a plain
+    // insert, without the joins and conflict checks an incremental diff needs.
+    let fresh: bool = sqlx::query_scalar(
+        "SELECT NOT EXISTS (SELECT 1 FROM synced_members WHERE audience_id = $1)
+            AND NOT EXISTS (SELECT 1 FROM outbox WHERE audience_id = $1)",
+    )
+    .bind(audience_id)
+    .fetch_one(&mut *tx)
+    .await?;
+    if fresh {
+        let added = sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO outbox (audience_id, user_id, member, email, phone, name,
+                                 message_id, target_version, run_id)
+             SELECT $1, user_id, member, email, phone, name, {MESSAGE_ID}, target_version, $2
+               FROM (SELECT user_id, true AS member, email, phone, name, 1::bigint AS target_version
+                       FROM pg_temp.audience_capture) AS c"
+        )))
+        .bind(audience_id)
+        .bind(run_id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        return Ok(DiffCounts {
+            added: added as i64,
+            removed: 0,
+        });
+    }
     let row = sqlx::query(AssertSqlSafe(format!(
         "WITH {DIFF},
          ins AS (
