@@ -366,12 +366,7 @@ async fn sigkill_at_many_points_then_rerun_converges(pool: PgPool) {
         ),
     )
     .unwrap();
-    let db = {
-        let base = std::env::var("DATABASE_URL").unwrap();
-        let mut url = reqwest::Url::parse(&base).unwrap();
-        url.set_path(pool.connect_options().get_database().unwrap());
-        url.to_string()
-    };
+    let db = db_url(&pool);
     let spawn = || {
         // tokio's process API: a blocking wait would stall the mock on this test's runtime.
         tokio::process::Command::new(env!("CARGO_BIN_EXE_audience-sync"))
