@@ -8,16 +8,21 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use sqlx::PgPool;
 
 /// Content type of [`render`]'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Time of one identify call, request to response: 5 ms .. ~40 s.
-static DELIVERY_LATENCY: LazyLock<Histogram> =
-    LazyLock::new(|| Histogram::new(exponential_buckets(0.005, 2.0, 14)));
+/// Upper bounds of the delivery latency buckets, in seconds (5 ms .. 30 s; the client's
+/// timeout is 10 s by default).
+pub const LATENCY_BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0,
+];
+
+/// Time of one identify call, request to response.
+static DELIVERY_LATENCY: LazyLock<Histogram> = LazyLock::new(|| Histogram::new(LATENCY_BUCKETS));
 
 /// Records one identify call's duration (any outcome).
 pub fn observe_delivery_latency(seconds: f64) {

@@ -113,7 +113,15 @@ async fn trigger_resync(s: State<OpsState>, key: Path<String>, h: HeaderMap) -> 
     trigger(s, key, h, Mode::FullResync).await
 }
 
-/// Equal-length-independent, data-independent comparison.
+/// The credentials of an `Authorization: Bearer <token>` header (the scheme is
+/// case-insensitive, RFC 7235).
+fn bearer(value: &[u8]) -> Option<&[u8]> {
+    let (scheme, rest) = value.split_at_checked(7)?;
+    scheme.eq_ignore_ascii_case(b"bearer ").then_some(rest)
+}
+
+/// Constant-time comparison: the time depends only on the length of `a` (the caller's input),
+/// never on where the two differ or on the secret's content.
 fn same(a: &[u8], b: &[u8]) -> bool {
     let mut diff = a.len() ^ b.len();
     for (i, x) in a.iter().enumerate() {
@@ -136,10 +144,9 @@ async fn trigger(
     };
     let given = headers
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if !same(given.as_bytes(), t.token.expose_secret().as_bytes()) {
+        .and_then(|v| bearer(v.as_bytes()))
+        .unwrap_or(b"");
+    if !same(given, t.token.expose_secret().as_bytes()) {
         return (
             StatusCode::UNAUTHORIZED,
             [(header::WWW_AUTHENTICATE, "Bearer")],
@@ -359,15 +366,17 @@ th{background:#f9fafb}.num{text-align:right;font-variant-numeric:tabular-nums}
         let status = a.last_run_status.as_deref().unwrap_or("never run");
         let _ = write!(
             h,
-            r#"<tr class="audience" data-key="{key}"><td><code>{key}</code></td><td>{name}</td><td>{state}</td><td class="num">{members}</td><td>{chart}</td><td class="{status_class}">{kind} {status}</td><td>{finished}</td><td>{next}</td><td class="num">{pending}</td><td class="num{failed_class}">{failed}</td><td class="num">{oldest}</td></tr>"#,
+            r#"<tr class="audience" data-key="{key}"><td><code>{key}</code></td><td>{name}</td><td>{state}</td><td class="num">{members}</td><td>{chart}</td><td class="last-run {status_class}">{last_run}</td><td>{finished}</td><td>{next}</td><td class="num">{pending}</td><td class="num{failed_class}">{failed}</td><td class="num">{oldest}</td></tr>"#,
             key = esc(&a.key),
             name = esc(&a.name),
             state = if a.enabled { "enabled" } else { "disabled" },
             members = a.members,
             chart = chart(&points),
-            status_class = esc(status),
-            kind = esc(a.last_run_kind.as_deref().unwrap_or("")),
-            status = esc(status),
+            status_class = esc(a.last_run_status.as_deref().unwrap_or("never-run")),
+            last_run = esc(&match &a.last_run_kind {
+                Some(kind) => format!("{kind} {status}"),
+                None => status.to_string(),
+            }),
             finished = when(a.last_run_finished_at),
             next = when(a.next_run_at),
             pending = a.pending,
@@ -452,6 +461,14 @@ mod tests {
         assert!(!same(b"abc", b"abd"));
         assert!(!same(b"abc", b"abcd"));
         assert!(!same(b"", b"x"));
+    }
+
+    #[test]
+    fn reads_the_bearer_scheme_case_insensitively() {
+        assert_eq!(bearer(b"Bearer abc"), Some(&b"abc"[..]));
+        assert_eq!(bearer(b"bearer abc"), Some(&b"abc"[..]));
+        assert_eq!(bearer(b"Basic abc"), None);
+        assert_eq!(bearer(b"Bearer"), None);
     }
 
     #[test]
