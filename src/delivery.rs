@@ -22,10 +22,50 @@ pub const MAX_THROTTLED: u32 = 50;
 /// Results written to the database at once.
 const RECORD_BATCH: usize = 500;
 
+/// Retries of one result-recording statement whose database connection was lost.
+const DB_RETRIES: u32 = 4;
+
 #[derive(Debug, thiserror::Error)]
 pub enum DeliveryError {
-    #[error("database error during delivery: {0}")]
+    #[error(
+        "database error during delivery: {}; unconfirmed changes stay in the outbox for the next run",
+        crate::audience::db_message(.0)
+    )]
     Db(#[from] sqlx::Error),
+}
+
+/// A failure that another try on a fresh connection may not have: the connection was lost
+/// (terminated backend, database restart or failover), or the pool was briefly exhausted.
+fn transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut => true,
+        sqlx::Error::Database(d) => d.code().is_some_and(|c| {
+            c.starts_with("08") || c.starts_with("57P") || c == "40001" || c == "40P01"
+        }),
+        _ => false,
+    }
+}
+
+/// Runs one single-statement, idempotent write, again on a fresh connection if the first
+/// was lost: a confirmation must not be dropped because one pooled connection died. (Each
+/// write is one statement, so a lost connection either committed it or did nothing; trying
+/// again after an unseen commit matches no rows, since both filter on the lease.)
+async fn retry_write<T, F, Fut>(what: &str, mut write: F) -> Result<T, sqlx::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
+{
+    let mut retries = 0;
+    loop {
+        match write().await {
+            Err(e) if retries < DB_RETRIES && transient(&e) => {
+                retries += 1;
+                tracing::warn!(error = %crate::audience::db_message(&e), retries, "lost the database connection while {what}; trying again");
+                tokio::time::sleep(Duration::from_millis(50 << retries)).await;
+            }
+            r => return r,
+        }
+    }
 }
 
 /// What a delivery pass did.
@@ -84,6 +124,7 @@ pub async fn deliver(
     let rec_pool = pool.clone();
     let rec_owner = owner.to_string();
     let rec_progress = target.progress.clone();
+    let rec_stop = stop.clone();
     let recorder = tokio::spawn(async move {
         let mut report = DeliveryReport::default();
         let mut buf = Vec::with_capacity(RECORD_BATCH);
@@ -115,8 +156,23 @@ pub async fn deliver(
                     }
                 }
             }
-            report.sent += outbox::confirm(&rec_pool, &rec_owner, &ok).await?;
-            outbox::record_failures(&rec_pool, &rec_owner, &bad).await?;
+            let recorded = async {
+                report.sent += retry_write("confirming changes", || {
+                    outbox::confirm(&rec_pool, &rec_owner, &ok)
+                })
+                .await?;
+                retry_write("recording failed changes", || {
+                    outbox::record_failures(&rec_pool, &rec_owner, &bad)
+                })
+                .await
+            }
+            .await;
+            if let Err(e) = recorded {
+                // Results can no longer be written: stop sending rather than deliver blind
+                // (every unrecorded call would be sent again by the next run).
+                rec_stop.cancel();
+                return Err(e);
+            }
             rec_progress.inc((ok.len() + bad.len()) as u64);
         }
         Ok::<_, sqlx::Error>(report)
@@ -178,11 +234,24 @@ pub async fn deliver(
         Ok(())
     }
     .await;
+    if claim_result.is_err() {
+        // No more claims: let the calls in flight end now instead of retrying on.
+        stop.cancel();
+    }
     while tasks.join_next().await.is_some() {}
     drop(res_tx);
-    let mut report = recorder.await.expect("recorder task panicked")?;
+    let recorded = recorder.await.expect("recorder task panicked");
+    // Whatever happened, hand back the changes still leased (the next run's diff would
+    // otherwise have to reset them).
+    if let Err(e) = retry_write("releasing leases", || {
+        outbox::release(pool, target.audience_id, owner)
+    })
+    .await
+    {
+        tracing::warn!(audience = %target.key, error = %crate::audience::db_message(&e), "cannot release leases; the next run of this audience resets them");
+    }
+    let mut report = recorded?;
     claim_result?;
-    outbox::release(pool, target.audience_id, owner).await?;
     report.unauthorized = *unauthorized.lock().expect("lock");
     report.cancelled = cancel.is_cancelled();
     Ok(report)

@@ -133,6 +133,29 @@ impl WigzoClient {
         outcome
     }
 
+    /// A response body with the token blanked out: an error page that echoes the request
+    /// (URL and query string) must not carry the token into stored errors and logs.
+    fn without_token(&self, mut text: String) -> String {
+        let token = self.token.expose_secret();
+        if token.is_empty() {
+            return text;
+        }
+        // As it travels in the query string (form-encoded).
+        let mut url = reqwest::Url::parse("http://x/").expect("valid URL");
+        url.query_pairs_mut().append_pair("t", token);
+        let encoded = url
+            .query()
+            .and_then(|q| q.strip_prefix("t="))
+            .unwrap_or_default()
+            .to_string();
+        for t in [token, encoded.as_str()] {
+            if text.contains(t) {
+                text = text.replace(t, "[redacted]");
+            }
+        }
+        text
+    }
+
     async fn send_inner(&self, body: &Value) -> Outcome {
         let res = self
             .http
@@ -166,8 +189,12 @@ impl WigzoClient {
             .and_then(|v| v.to_str().ok())
             .and_then(parse_retry_after);
         // Read the body so the connection goes back to the pool, even on success.
+        if (200..300).contains(&status) {
+            let _ = resp.bytes().await;
+            return Outcome::Confirmed { status };
+        }
         let text = resp.text().await.unwrap_or_default();
-        classify(status, retry_after, &text)
+        classify(status, retry_after, &self.without_token(text))
     }
 }
 
@@ -312,6 +339,18 @@ mod tests {
         let late: u128 = (0..50).map(|_| backoff(10, base, max).as_millis()).sum();
         let early: u128 = (0..50).map(|_| backoff(0, base, max).as_millis()).sum();
         assert!(late > early * 3, "late {late} early {early}");
+    }
+
+    #[test]
+    fn bodies_echoing_the_token_are_redacted_raw_and_encoded() {
+        let cfg = WigzoConfig::new("http://127.0.0.1:9", "s3c r/t+k");
+        let client = WigzoClient::new(&cfg).unwrap();
+        let body = "bad: /identify?org_token=s3c+r%2Ft%2Bk (token s3c r/t+k)".to_string();
+        let clean = client.without_token(body);
+        assert_eq!(
+            clean,
+            "bad: /identify?org_token=[redacted] (token [redacted])"
+        );
     }
 
     #[test]

@@ -175,3 +175,169 @@ async fn renaming_keeps_the_key_and_removed_audiences_are_disabled(pool: PgPool)
         1
     );
 }
+
+/// What a synced audience has stored: members with their version, history, outbox, source.
+async fn stored(pool: &PgPool) -> (Vec<(String, bool, i64)>, i64, i64, i64) {
+    let members = sqlx::query_as("SELECT user_id, member, version FROM synced_members ORDER BY 1")
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    (
+        members,
+        scalar(pool, "SELECT count(*) FROM membership_events").await,
+        scalar(pool, "SELECT count(*) FROM outbox").await,
+        scalar(pool, "SELECT count(*) FROM shop_users").await,
+    )
+}
+
+/// Queries that write (directly, through a CTE, a function or a smuggled second statement),
+/// run forever, are not SQL, lack or mistype `user_id`, or read a table that is gone: each
+/// fails its run with an error naming the problem, sends nothing, and leaves the confirmed
+/// state of an already-synced audience exactly as it was.
+#[sqlx::test]
+async fn hostile_queries_fail_their_run_and_change_nothing_stored(pool: PgPool) {
+    seed(&pool, 8, 5).await;
+    sqlx::query(
+        "CREATE FUNCTION sneaky_insert() RETURNS bigint LANGUAGE sql AS
+           'INSERT INTO shop_users VALUES (999, NULL, NULL, true) RETURNING id'",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "CREATE FUNCTION sneaky_drop() RETURNS bigint LANGUAGE plpgsql AS
+           $$ BEGIN EXECUTE 'DROP TABLE shop_users'; RETURN 1; END $$",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let server = wigzo_ok().await;
+    let a = audience(&pool).await;
+    assert!(sync(&worker(&pool, &server), &a).await.succeeded());
+    let before = stored(&pool).await;
+    assert_eq!(before.0.len(), 5);
+    let cases = [
+        (
+            "DELETE FROM shop_users RETURNING id AS user_id",
+            "not valid SQL",
+        ),
+        (
+            "WITH d AS (DELETE FROM shop_users RETURNING id) SELECT id AS user_id FROM d",
+            "not valid SQL",
+        ),
+        (
+            "INSERT INTO shop_users VALUES (999, NULL, NULL, true) RETURNING id AS user_id",
+            "not valid SQL",
+        ),
+        ("DROP TABLE shop_users", "not valid SQL"),
+        (
+            "SELECT sneaky_insert() AS user_id",
+            "cannot execute INSERT in a read-only transaction",
+        ),
+        (
+            "SELECT sneaky_drop() AS user_id",
+            "cannot execute DROP TABLE in a read-only transaction",
+        ),
+        (
+            "SELECT 1 AS user_id) AS x; DELETE FROM shop_users; SELECT * FROM (SELECT 1 AS user_id",
+            "not valid SQL",
+        ),
+        (
+            "SELECT id AS user_id FROM shop_users, pg_sleep(30)",
+            "statement timeout",
+        ),
+        ("SELEC id AS user_id FROM shop_users", "syntax error"),
+        ("SELECT id, email FROM shop_users", "no user_id column"),
+        (
+            "SELECT now() AS user_id",
+            "column user_id has type TIMESTAMPTZ",
+        ),
+        ("SELECT id AS user_id FROM no_such_table", "no_such_table"),
+    ];
+    let mut w = worker(&pool, &server);
+    w.statement_timeout = std::time::Duration::from_millis(300);
+    for (query, want) in cases {
+        // The same audience (same key), its query replaced.
+        let hostile = store_definitions(&pool, &[def("Order Completed Last 30days", query)])
+            .await
+            .unwrap()
+            .remove(0);
+        assert_eq!(hostile.id, a.id);
+        let r = sync(&w, &hostile).await;
+        assert_eq!(r.status, "failed", "{query}: {r:?}");
+        let err = r.error.clone().unwrap();
+        assert!(
+            err.contains(want) && err.contains(KEY),
+            "{query}\nwanted {want:?} and the audience key in: {err}"
+        );
+        assert_eq!(r.sent, 0, "{query}");
+        assert_eq!(stored(&pool).await, before, "{query} changed stored state");
+        assert_eq!(calls(&server).await.len(), 5, "{query} sent calls");
+    }
+    assert_eq!(
+        scalar(&pool, "SELECT count(*) FROM runs WHERE status = 'running'").await,
+        0
+    );
+    // The audience is fine again once its query is.
+    let good = audience(&pool).await;
+    let r = sync(&w, &good).await;
+    assert!(r.succeeded() && r.sent == 0, "{r:?}");
+}
+
+/// Emails and names with emoji, quotes, backslashes, control characters, right-to-left marks
+/// and combining accents reach Wigzo exactly as stored, as do such user ids.
+#[sqlx::test]
+async fn unusual_characters_reach_wigzo_unchanged(pool: PgPool) {
+    let odd: Vec<(&str, &str)> = vec![
+        ("🎉", "🎉@例え.jp"),
+        ("quote\"d", "\"o'hara\"@x.io"),
+        ("back\\slash", "a\\b@x.io"),
+        ("ctl", "line\nbreak\ttab\u{1}@x.io"),
+        ("rtl", "\u{202e}moc.x@evil"),
+        ("combining", "e\u{301}@x.io"),
+        ("<script>", "</script>@x.io"),
+    ];
+    let server = wigzo_ok().await;
+    sqlx::query("CREATE TABLE odd (user_id text, email text)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    for (u, e) in &odd {
+        sqlx::query("INSERT INTO odd VALUES ($1, $2)")
+            .bind(u)
+            .bind(e)
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    let a = store_definitions(
+        &pool,
+        &[def("Odd", "SELECT user_id, email, email AS name FROM odd")],
+    )
+    .await
+    .unwrap()
+    .remove(0);
+    let r = worker(&pool, &server).run(&a, Mode::Sync, false).await;
+    assert!(r.succeeded(), "{r:?}");
+    assert_eq!(r.sent, odd.len() as u64);
+    let got: std::collections::HashMap<String, (String, String)> = calls(&server)
+        .await
+        .iter()
+        .map(|c| {
+            (
+                c["userId"].as_str().unwrap().to_string(),
+                (
+                    c["email"].as_str().unwrap().to_string(),
+                    c["traits"]["name"].as_str().unwrap().to_string(),
+                ),
+            )
+        })
+        .collect();
+    for (u, e) in &odd {
+        assert_eq!(
+            got.get(*u),
+            Some(&(e.to_string(), e.to_string())),
+            "user {u:?}"
+        );
+    }
+}

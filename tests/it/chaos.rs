@@ -50,6 +50,15 @@ struct Inner {
     calls: Mutex<Vec<Call>>,
     received: AtomicU64,
     injected: AtomicU64,
+    /// Requests being handled now (a handler dropped with its connection counts down too).
+    active: Arc<AtomicU64>,
+}
+
+struct Active(Arc<AtomicU64>);
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// The misbehaving Wigzo.
@@ -88,10 +97,21 @@ impl Chaos {
     pub fn injected(&self) -> u64 {
         self.inner.injected.load(Ordering::SeqCst)
     }
+    /// Waits until no request is being handled (each has been recorded, or dropped with its
+    /// connection before being applied).
+    pub async fn settle(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.inner.active.load(Ordering::SeqCst) > 0 {
+            assert!(Instant::now() < deadline, "the mock never settled");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
 }
 
 async fn handle(State(s): State<Arc<Inner>>, headers: HeaderMap, body: String) -> Response {
     let _ = headers;
+    s.active.fetch_add(1, Ordering::SeqCst);
+    let _active = Active(s.active.clone());
     s.received.fetch_add(1, Ordering::SeqCst);
     let v: Value = serde_json::from_str(&body).expect("identify body is JSON");
     let key = v["context"]["personas"]["computation_key"]
@@ -208,6 +228,16 @@ pub fn convergence(calls: &[Call], members: &HashSet<String>) -> Convergence {
 
 pub async fn members(pool: &PgPool) -> HashSet<String> {
     sqlx::query_scalar::<_, String>("SELECT id::text FROM shop_users WHERE member")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
+/// Message ids of every confirmed change (history is append-only).
+async fn confirmed_ids(pool: &PgPool) -> HashSet<String> {
+    sqlx::query_scalar("SELECT message_id::text FROM membership_events")
         .fetch_all(pool)
         .await
         .unwrap()
@@ -422,6 +452,8 @@ async fn sigkill_at_many_points_then_rerun_converges(pool: PgPool) {
         }
         child.kill().await.unwrap(); // SIGKILL, then reaped
         kills += 1;
+        // Calls the dead process had in flight are recorded (or dropped) before we look.
+        chaos.settle().await;
         let confirmed: HashSet<String> =
             sqlx::query_scalar("SELECT message_id::text FROM membership_events")
                 .fetch_all(&pool)
@@ -508,6 +540,7 @@ async fn connections_terminated_mid_delivery_lose_nothing(pool: PgPool) {
         assert!(Instant::now() < deadline, "delivery never started");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    let confirmed_at_kill = confirmed_ids(&pool).await;
     let terminated: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
           WHERE datname = current_database() AND pid <> pg_backend_pid()) t",
@@ -548,6 +581,11 @@ async fn connections_terminated_mid_delivery_lose_nothing(pool: PgPool) {
         &c.wrong[..c.wrong.len().min(5)]
     );
     assert!(scalar(&pool, "SELECT count(*) FROM membership_events").await >= confirmed_before);
+    let confirmed_after = confirmed_ids(&pool).await;
+    assert!(
+        !confirmed_at_kill.is_empty() && confirmed_at_kill.is_subset(&confirmed_after),
+        "a confirmation recorded before the kill is gone"
+    );
     assert_eq!(
         scalar(&pool, "SELECT count(*) FROM synced_members WHERE member").await,
         2000
@@ -557,4 +595,134 @@ async fn connections_terminated_mid_delivery_lose_nothing(pool: PgPool) {
         scalar(&pool, "SELECT count(*) FROM runs WHERE status = 'running'").await,
         0
     );
+}
+
+/// Only the worker's pooled connections (not the run's lock session) are terminated, again
+/// and again, while changes are being confirmed: a statement cut off mid-flight must neither
+/// lose a confirmation nor let delivery run on blind (sending everything without recording
+/// it). The run finishes or stops with a clear error; the next run converges.
+#[sqlx::test]
+async fn pool_connections_terminated_while_confirming_lose_nothing(pool: PgPool) {
+    seed(&pool, 2500, 2000).await;
+    let a = audience(&pool).await;
+    let chaos = Chaos::start(Faults {
+        delay: Duration::from_millis(20),
+        ..Faults::default()
+    })
+    .await;
+    let w = worker_with(&pool, chaos_config(&chaos));
+    let run = {
+        let (w, a) = (w.clone(), a.clone());
+        tokio::spawn(async move { sync(&w, &a).await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while chaos.received() < 300 {
+        assert!(Instant::now() < deadline, "delivery never started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let confirmed_at_kill = confirmed_ids(&pool).await;
+    // Every backend of this database but ours and the one holding the audience lock.
+    let mut terminated = 0i64;
+    let until = Instant::now() + Duration::from_millis(600);
+    while Instant::now() < until && !run.is_finished() {
+        terminated += sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(a.pid) FROM pg_stat_activity a
+              WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()
+                AND NOT EXISTS (SELECT 1 FROM pg_locks l
+                                 WHERE l.pid = a.pid AND l.locktype = 'advisory')) t",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    let first = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("the run hung after its connections were terminated")
+        .expect("the run panicked");
+    let calls_first = chaos.calls().len();
+    let confirmed_before = scalar(&pool, "SELECT count(*) FROM membership_events").await;
+    let second = sync(&w, &a).await;
+    assert!(second.succeeded(), "{second:?}");
+    let c = convergence(&chaos.calls(), &members(&pool).await);
+    eprintln!(
+        "terminate-pool: terminated={terminated} first={} ({}) calls_first={calls_first} calls={} duplicates={} wrong={}",
+        first.status,
+        first.error.as_deref().unwrap_or(""),
+        c.calls,
+        c.duplicates,
+        c.wrong.len()
+    );
+    assert!(terminated > 0);
+    assert!(
+        c.wrong.is_empty(),
+        "lost: {:?}",
+        &c.wrong[..c.wrong.len().min(5)]
+    );
+    assert!(scalar(&pool, "SELECT count(*) FROM membership_events").await >= confirmed_before);
+    assert!(
+        !confirmed_at_kill.is_empty() && confirmed_at_kill.is_subset(&confirmed_ids(&pool).await),
+        "a confirmation recorded before the kills is gone"
+    );
+    assert_eq!(
+        scalar(&pool, "SELECT count(*) FROM synced_members WHERE member").await,
+        2000
+    );
+    assert_eq!(scalar(&pool, "SELECT count(*) FROM outbox").await, 0);
+    assert_eq!(
+        scalar(&pool, "SELECT count(*) FROM runs WHERE status = 'running'").await,
+        0
+    );
+    if !first.succeeded() {
+        let e = first.error.unwrap();
+        assert!(e.contains("database") || e.contains("connection"), "{e}");
+    }
+    // A dropped statement costs at most the calls in flight, not a blind resend of all.
+    assert!(c.duplicates <= 64, "{} duplicates", c.duplicates);
+}
+
+/// No database transaction is held while a call is in flight: sampled throughout delivery,
+/// no backend of the database sits `idle in transaction` (what a transaction kept open
+/// across an HTTP call looks like while the call waits).
+#[sqlx::test]
+async fn no_transaction_is_open_while_calls_are_in_flight(pool: PgPool) {
+    seed(&pool, 1200, 1000).await;
+    let a = audience(&pool).await;
+    let chaos = Chaos::start(Faults {
+        delay: Duration::from_millis(60),
+        ..Faults::default()
+    })
+    .await;
+    let w = worker_with(&pool, chaos_config(&chaos));
+    let run = {
+        let (w, a) = (w.clone(), a.clone());
+        tokio::spawn(async move { sync(&w, &a).await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut samples = 0;
+    while !run.is_finished() {
+        assert!(Instant::now() < deadline, "the run hung");
+        let before = chaos.received();
+        let idle_in_tx: i64 = sqlx::query_scalar(
+            "SELECT count(*) FILTER (WHERE state LIKE 'idle in transaction%')
+               FROM pg_stat_activity
+              WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        let after = chaos.received();
+        // Only samples taken while calls were being made count (not capture or diff).
+        if before > 0 && after > before && after < 1000 {
+            samples += 1;
+            assert_eq!(
+                idle_in_tx, 0,
+                "a transaction is open while calls are in flight"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    let r = run.await.unwrap();
+    assert!(r.succeeded(), "{r:?}");
+    assert!(samples >= 10, "only {samples} samples during delivery");
 }

@@ -245,3 +245,54 @@ async fn hostile_configs_are_refused_and_change_nothing(pool: PgPool) {
             .any(|r| r["status"] == "succeeded")
     );
 }
+
+/// A Wigzo whose error bodies echo the request, token included, with JSON logs at trace
+/// level: the token is blanked out of every output line and of the errors stored for the
+/// changes, which `runs` and `--json` print.
+#[sqlx::test]
+async fn error_bodies_echoing_the_token_are_redacted_everywhere(pool: PgPool) {
+    seed(&pool, 10, 4).await;
+    let server = MockServer::start().await;
+    let echo = format!(
+        r#"{{"error":"bad request","request":"POST /rest/v1/learn/identify?org_token={TOKEN}"}}"#
+    );
+    Mock::given(method("POST"))
+        .and(wiremock::matchers::body_partial_json(
+            serde_json::json!({"userId": "1"}),
+        ))
+        .respond_with(ResponseTemplate::new(400).set_body_string(echo.clone()))
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(500).set_body_string(echo))
+        .with_priority(2)
+        .mount(&server)
+        .await;
+    // `run` fails the test if the token is in any byte printed.
+    let o = run(
+        &pool,
+        CONFIG,
+        &server.uri(),
+        &["--log-format", "json", "sync", "--json"],
+    );
+    assert_eq!(o.code, 1, "{}{}", o.stdout, o.stderr);
+    assert!(
+        o.stdout.contains("org_token=[redacted]"),
+        "the echoed body is reported, redacted: {}",
+        o.stdout
+    );
+    let o = run(&pool, CONFIG, &server.uri(), &["runs", "--json"]);
+    assert_eq!(o.code, 0);
+    let errors: Vec<String> = sqlx::query_scalar("SELECT last_error FROM outbox")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(errors.len(), 4);
+    assert!(
+        errors
+            .iter()
+            .all(|e| !e.contains(TOKEN) && e.contains("[redacted]")),
+        "{errors:?}"
+    );
+}

@@ -66,6 +66,25 @@ proptest! {
     }
 
     #[test]
+    fn long_names_give_a_short_valid_key_or_an_error(name in "[A-Za-z0-9 _.-]{100,300}") {
+        match derive_key(&name) {
+            Ok(key) => {
+                prop_assert!(is_snake(&key), "{name:?} -> {key:?}");
+                prop_assert_eq!(derive_key(&key).unwrap(), key);
+            }
+            Err(e) => prop_assert!(e.contains("longer than 128") || e.contains("no letters"), "{e}"),
+        }
+    }
+
+    #[test]
+    fn names_without_ascii_letters_or_digits_are_refused(
+        name in "[ _.,;:!?()\\[\\]{}'\"/\\\\🎉😀✨–—·]{0,30}",
+    ) {
+        let err = derive_key(&name).unwrap_err();
+        prop_assert!(err.contains("no key can be derived"), "{name:?}: {err}");
+    }
+
+    #[test]
     fn validate_key_accepts_exactly_snake_case(key in "[a-z0-9_]{0,20}|\\PC{0,10}") {
         prop_assert_eq!(validate_key(&key).is_ok(), is_snake(&key));
     }
