@@ -13,7 +13,7 @@ use anyhow::{Context, Result, bail, ensure};
 use audience_sync::audience::{Audience, AudienceDef, store_definitions};
 use audience_sync::config::WigzoConfig;
 use audience_sync::delivery::{self, Target};
-use audience_sync::outbox::Change;
+use audience_sync::outbox::{self, Change};
 use audience_sync::receiver::Receiver;
 use audience_sync::sync::{Mode, Worker, owner_id};
 use audience_sync::wigzo::{IDENTIFY_PATH, WigzoClient, identify_payload};
@@ -263,21 +263,24 @@ async fn bench(args: &Args, opts: PgConnectOptions) -> Result<Value> {
     let delivered_n = n.min(args.delivery_cap);
     if delivered_n < n {
         sqlx::query(
-            "DELETE FROM outbox WHERE audience_id = $1 AND id NOT IN
-                (SELECT id FROM outbox WHERE audience_id = $1 ORDER BY id LIMIT $2)",
+            "DELETE FROM outbox WHERE audience_id = $1 AND user_id NOT IN
+                (SELECT user_id FROM outbox WHERE audience_id = $1 ORDER BY user_id LIMIT $2)",
         )
         .bind(a.id)
         .bind(delivered_n)
         .execute(&pool)
         .await?;
     }
-    let changes: Vec<Change> = sqlx::query_as(
-        "SELECT id, user_id, member, email, phone, name, message_id, created_at AS detected_at
-           FROM outbox WHERE audience_id = $1 ORDER BY id",
+    let mut changes: Vec<Change> = sqlx::query_as(
+        "SELECT user_id, member, email, phone, name, target_version, created_at AS detected_at
+           FROM outbox WHERE audience_id = $1 ORDER BY user_id",
     )
     .bind(a.id)
     .fetch_all(&pool)
     .await?;
+    for c in &mut changes {
+        c.message_id = outbox::message_id(a.id, &c.user_id, c.target_version, c.member);
+    }
     ensure!(changes.len() as i64 == delivered_n);
 
     let mut wigzo = WigzoConfig::new(receiver.base_url(), TOKEN);

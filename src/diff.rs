@@ -4,7 +4,7 @@
 // The SQL below is built from constants only; values are bound parameters.
 use sqlx::{AssertSqlSafe, PgConnection, Row};
 
-use crate::outbox::Change;
+use crate::outbox::{self, Change};
 
 /// The set of changes, as SQL over the capture table and `synced_members`.
 /// $1 = audience id, $2 = full resync (send every member, not only those who entered).
@@ -36,10 +36,6 @@ const DIFF: &str = "
          WHERE NOT EXISTS (SELECT 1 FROM pg_temp.audience_capture c WHERE c.user_id = u.user_id)
     )";
 
-/// The deterministic message id of a change, in SQL.
-const MESSAGE_ID: &str =
-    "md5($1::text || ':' || user_id || ':' || target_version || ':' || member)::uuid";
-
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DiffCounts {
     pub added: i64,
@@ -67,19 +63,19 @@ pub async fn write_outbox(
     .fetch_one(&mut *tx)
     .await?;
     if fresh {
-        let added = sqlx::query(AssertSqlSafe(format!(
+        let added = sqlx::query(
             "INSERT INTO outbox (audience_id, user_id, member, email, phone, name,
-                                 message_id, target_version, run_id)
-             SELECT $1, user_id, member, email, phone, name, {MESSAGE_ID}, target_version, $2
-               FROM (SELECT user_id, true AS member, email, phone, name, 1::bigint AS target_version
-                       FROM pg_temp.audience_capture) AS c"
-        )))
+                                 target_version, run_id)
+             SELECT $1, user_id, true, email, phone, name, 1, $2
+               FROM pg_temp.audience_capture",
+        )
         .bind(audience_id)
         .bind(run_id)
         .execute(&mut *tx)
         .await?
         .rows_affected();
         tx.commit().await?;
+        refresh_statistics(conn, added).await?;
         return Ok(DiffCounts {
             added: added as i64,
             removed: 0,
@@ -89,18 +85,19 @@ pub async fn write_outbox(
         "WITH {DIFF},
          ins AS (
             INSERT INTO outbox (audience_id, user_id, member, email, phone, name,
-                                message_id, target_version, run_id)
-            SELECT $1, user_id, member, email, phone, name, {MESSAGE_ID}, target_version, $3
+                                target_version, run_id)
+            SELECT $1, user_id, member, email, phone, name, target_version, $3
               FROM diff
             ON CONFLICT (audience_id, user_id) DO UPDATE SET
                 member = EXCLUDED.member, email = EXCLUDED.email, phone = EXCLUDED.phone,
                 name = EXCLUDED.name, target_version = EXCLUDED.target_version,
                 run_id = EXCLUDED.run_id, status = 'pending', next_attempt_at = now(),
                 lease_owner = NULL, lease_until = NULL,
-                message_id = EXCLUDED.message_id,
-                attempts = CASE WHEN outbox.message_id = EXCLUDED.message_id
+                attempts = CASE WHEN (outbox.target_version, outbox.member)
+                                     = (EXCLUDED.target_version, EXCLUDED.member)
                                 THEN outbox.attempts ELSE 0 END,
-                created_at = CASE WHEN outbox.message_id = EXCLUDED.message_id
+                created_at = CASE WHEN (outbox.target_version, outbox.member)
+                                       = (EXCLUDED.target_version, EXCLUDED.member)
                                   THEN outbox.created_at ELSE now() END
             RETURNING member)
          SELECT count(*) FILTER (WHERE member), count(*) FILTER (WHERE NOT member) FROM ins"
@@ -116,10 +113,27 @@ pub async fn write_outbox(
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
-    Ok(DiffCounts {
+    let counts = DiffCounts {
         added: row.get(0),
         removed: row.get(1),
-    })
+    };
+    refresh_statistics(conn, (counts.added + counts.removed) as u64).await?;
+    Ok(counts)
+}
+
+/// Changes written at once above which the outbox's statistics are refreshed.
+const ANALYZE_AFTER: u64 = 5_000;
+
+/// After a large diff, brings the outbox's planner statistics up to date (autovacuum would,
+/// but only later): with the table still looking empty, the claim's plan sorted every pending
+/// row for each batch instead of walking the key from the cursor (15 ms instead of 2 ms per
+/// 500 changes at 50k, growing with the backlog).
+async fn refresh_statistics(conn: &mut PgConnection, written: u64) -> Result<(), sqlx::Error> {
+    use sqlx::Executor;
+    if written >= ANALYZE_AFTER {
+        conn.execute("ANALYZE outbox").await?;
+    }
+    Ok(())
 }
 
 /// Counts the changes and returns a few of them, writing nothing (dry run).
@@ -136,10 +150,9 @@ pub async fn preview(
     .bind(full)
     .fetch_one(&mut *conn)
     .await?;
-    let changes = sqlx::query_as::<_, Change>(AssertSqlSafe(format!(
+    let mut changes = sqlx::query_as::<_, Change>(AssertSqlSafe(format!(
         "WITH {DIFF}
-         SELECT 0::bigint AS id, user_id, member, email, phone, name, {MESSAGE_ID} AS message_id,
-                now() AS detected_at
+         SELECT user_id, member, email, phone, name, target_version, now() AS detected_at
            FROM diff ORDER BY member DESC, user_id LIMIT $3"
     )))
     .bind(audience_id)
@@ -147,6 +160,9 @@ pub async fn preview(
     .bind(sample)
     .fetch_all(&mut *conn)
     .await?;
+    for c in &mut changes {
+        c.message_id = outbox::message_id(audience_id, &c.user_id, c.target_version, c.member);
+    }
     Ok((
         DiffCounts {
             added: row.get(0),

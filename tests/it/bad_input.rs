@@ -51,7 +51,7 @@ async fn a_query_that_writes_is_refused_and_changes_nothing(pool: PgPool) {
     seed(&pool, 3, 3).await;
     let r = run_query(
         &pool,
-        "SELECT id AS user_id FROM shop_users WHERE pg_catalog.nextval('outbox_id_seq') > 0",
+        "SELECT id AS user_id FROM shop_users WHERE pg_catalog.nextval('runs_id_seq') > 0",
     )
     .await;
     assert_eq!(r.status, "failed");

@@ -184,9 +184,10 @@ async fn a_crash_between_send_and_confirm_loses_nothing_and_keeps_message_ids(po
     audience_sync::diff::write_outbox(&mut conn, a.id, run_id, false)
         .await
         .unwrap();
-    let claimed = audience_sync::outbox::claim(&pool, a.id, "dead:1", 0, 4)
+    let claimed = audience_sync::outbox::claim(&pool, a.id, "dead:1", "", 4)
         .await
-        .unwrap();
+        .unwrap()
+        .changes;
     assert_eq!(claimed.len(), 4);
     let claimed_ids: Vec<(String, String)> = claimed
         .iter()
@@ -270,4 +271,31 @@ async fn a_user_removed_then_re_added_while_the_removal_fails_ends_true(pool: Pg
     let r = sync(&worker(&pool, &healthy), &a).await;
     assert!(r.succeeded(), "{r:?}");
     assert_eq!(last_values(&healthy, KEY).await.get("2"), Some(&true));
+}
+
+/// The worker computes messageIds itself; they must equal the SQL formula the outbox used to
+/// store (`md5(audience:user:version:value)::uuid`), so changes pending across an upgrade
+/// keep their ids and Wigzo can still drop duplicates.
+#[sqlx::test]
+async fn message_ids_equal_the_sql_formula(pool: PgPool) {
+    for (aud, user, version, member) in [
+        (1i64, "42", 1i64, true),
+        (7, "user@example.com", 3, false),
+        (123456789, "🎉 é\u{301} \"q\" \\", 99, true),
+    ] {
+        let sql: uuid::Uuid =
+            sqlx::query_scalar("SELECT md5($1::text || ':' || $2 || ':' || $3 || ':' || $4)::uuid")
+                .bind(aud)
+                .bind(user)
+                .bind(version)
+                .bind(member)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!(
+            audience_sync::outbox::message_id(aud, user, version, member),
+            sql,
+            "{aud} {user:?} {version} {member}"
+        );
+    }
 }
