@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use audience_sync::audience::Audience;
+use audience_sync::sync::{RunReport, Worker};
 use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -255,6 +257,58 @@ fn chaos_config(chaos: &Chaos) -> audience_sync::config::WigzoConfig {
 }
 
 /// Users in the chaos scenario (CHAOS_USERS overrides; 20,000 by default).
+/// Starts a sync of `a` in the background.
+fn spawn_sync(w: &Worker, a: &Audience) -> tokio::task::JoinHandle<RunReport> {
+    let (w, a) = (w.clone(), a.clone());
+    tokio::spawn(async move { sync(&w, &a).await })
+}
+
+/// Waits, up to a minute, until the mock Wigzo has received `n` calls.
+async fn wait_for_calls(chaos: &Chaos, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while chaos.received() < n {
+        assert!(Instant::now() < deadline, "delivery never started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// After a disruption: a second run succeeds and converges, every confirmation recorded
+/// before the disruption is still there, all `members` are synced, and nothing is left
+/// pending or running. Returns the convergence of all calls.
+async fn rerun_converges(
+    pool: &PgPool,
+    w: &Worker,
+    a: &Audience,
+    chaos: &Chaos,
+    confirmed_at_kill: &HashSet<String>,
+    members_expected: i64,
+) -> Convergence {
+    let confirmed_before = scalar(pool, "SELECT count(*) FROM membership_events").await;
+    let second = sync(w, a).await;
+    assert!(second.succeeded(), "{second:?}");
+    let c = convergence(&chaos.calls(), &members(pool).await);
+    assert!(
+        c.wrong.is_empty(),
+        "lost: {:?}",
+        &c.wrong[..c.wrong.len().min(5)]
+    );
+    assert!(scalar(pool, "SELECT count(*) FROM membership_events").await >= confirmed_before);
+    assert!(
+        !confirmed_at_kill.is_empty() && confirmed_at_kill.is_subset(&confirmed_ids(pool).await),
+        "a confirmation recorded before the disruption is gone"
+    );
+    assert_eq!(
+        scalar(pool, "SELECT count(*) FROM synced_members WHERE member").await,
+        members_expected
+    );
+    assert_eq!(scalar(pool, "SELECT count(*) FROM outbox").await, 0);
+    assert_eq!(
+        scalar(pool, "SELECT count(*) FROM runs WHERE status = 'running'").await,
+        0
+    );
+    c
+}
+
 fn scale() -> i64 {
     std::env::var("CHAOS_USERS")
         .ok()
@@ -531,15 +585,8 @@ async fn connections_terminated_mid_delivery_lose_nothing(pool: PgPool) {
     })
     .await;
     let w = worker_with(&pool, chaos_config(&chaos));
-    let run = {
-        let (w, a) = (w.clone(), a.clone());
-        tokio::spawn(async move { sync(&w, &a).await })
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while chaos.received() < 400 {
-        assert!(Instant::now() < deadline, "delivery never started");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let run = spawn_sync(&w, &a);
+    wait_for_calls(&chaos, 400).await;
     let confirmed_at_kill = confirmed_ids(&pool).await;
     let terminated: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
@@ -561,11 +608,7 @@ async fn connections_terminated_mid_delivery_lose_nothing(pool: PgPool) {
         error.contains("lost the lock") || error.contains("connection"),
         "{error}"
     );
-    let confirmed_before = scalar(&pool, "SELECT count(*) FROM membership_events").await;
-
-    let second = sync(&w, &a).await;
-    assert!(second.succeeded(), "{second:?}");
-    let c = convergence(&chaos.calls(), &members(&pool).await);
+    let c = rerun_converges(&pool, &w, &a, &chaos, &confirmed_at_kill, 2000).await;
     eprintln!(
         "terminate: first={} ({}) sent_first={} calls={} duplicates={} wrong={}",
         first.status,
@@ -574,26 +617,6 @@ async fn connections_terminated_mid_delivery_lose_nothing(pool: PgPool) {
         c.calls,
         c.duplicates,
         c.wrong.len()
-    );
-    assert!(
-        c.wrong.is_empty(),
-        "lost: {:?}",
-        &c.wrong[..c.wrong.len().min(5)]
-    );
-    assert!(scalar(&pool, "SELECT count(*) FROM membership_events").await >= confirmed_before);
-    let confirmed_after = confirmed_ids(&pool).await;
-    assert!(
-        !confirmed_at_kill.is_empty() && confirmed_at_kill.is_subset(&confirmed_after),
-        "a confirmation recorded before the kill is gone"
-    );
-    assert_eq!(
-        scalar(&pool, "SELECT count(*) FROM synced_members WHERE member").await,
-        2000
-    );
-    assert_eq!(scalar(&pool, "SELECT count(*) FROM outbox").await, 0);
-    assert_eq!(
-        scalar(&pool, "SELECT count(*) FROM runs WHERE status = 'running'").await,
-        0
     );
 }
 
@@ -611,15 +634,8 @@ async fn pool_connections_terminated_while_confirming_lose_nothing(pool: PgPool)
     })
     .await;
     let w = worker_with(&pool, chaos_config(&chaos));
-    let run = {
-        let (w, a) = (w.clone(), a.clone());
-        tokio::spawn(async move { sync(&w, &a).await })
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while chaos.received() < 300 {
-        assert!(Instant::now() < deadline, "delivery never started");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let run = spawn_sync(&w, &a);
+    wait_for_calls(&chaos, 300).await;
     let confirmed_at_kill = confirmed_ids(&pool).await;
     // Every backend of this database but ours and the one holding the audience lock.
     let mut terminated = 0i64;
@@ -636,15 +652,17 @@ async fn pool_connections_terminated_while_confirming_lose_nothing(pool: PgPool)
         .unwrap();
         tokio::time::sleep(Duration::from_millis(3)).await;
     }
+    assert!(terminated > 0);
     let first = tokio::time::timeout(Duration::from_secs(60), run)
         .await
         .expect("the run hung after its connections were terminated")
         .expect("the run panicked");
+    if !first.succeeded() {
+        let e = first.error.as_deref().unwrap();
+        assert!(e.contains("database") || e.contains("connection"), "{e}");
+    }
     let calls_first = chaos.calls().len();
-    let confirmed_before = scalar(&pool, "SELECT count(*) FROM membership_events").await;
-    let second = sync(&w, &a).await;
-    assert!(second.succeeded(), "{second:?}");
-    let c = convergence(&chaos.calls(), &members(&pool).await);
+    let c = rerun_converges(&pool, &w, &a, &chaos, &confirmed_at_kill, 2000).await;
     eprintln!(
         "terminate-pool: terminated={terminated} first={} ({}) calls_first={calls_first} calls={} duplicates={} wrong={}",
         first.status,
@@ -653,30 +671,6 @@ async fn pool_connections_terminated_while_confirming_lose_nothing(pool: PgPool)
         c.duplicates,
         c.wrong.len()
     );
-    assert!(terminated > 0);
-    assert!(
-        c.wrong.is_empty(),
-        "lost: {:?}",
-        &c.wrong[..c.wrong.len().min(5)]
-    );
-    assert!(scalar(&pool, "SELECT count(*) FROM membership_events").await >= confirmed_before);
-    assert!(
-        !confirmed_at_kill.is_empty() && confirmed_at_kill.is_subset(&confirmed_ids(&pool).await),
-        "a confirmation recorded before the kills is gone"
-    );
-    assert_eq!(
-        scalar(&pool, "SELECT count(*) FROM synced_members WHERE member").await,
-        2000
-    );
-    assert_eq!(scalar(&pool, "SELECT count(*) FROM outbox").await, 0);
-    assert_eq!(
-        scalar(&pool, "SELECT count(*) FROM runs WHERE status = 'running'").await,
-        0
-    );
-    if !first.succeeded() {
-        let e = first.error.unwrap();
-        assert!(e.contains("database") || e.contains("connection"), "{e}");
-    }
     // A dropped statement costs at most the calls in flight, not a blind resend of all.
     assert!(c.duplicates <= 64, "{} duplicates", c.duplicates);
 }
@@ -694,10 +688,7 @@ async fn no_transaction_is_open_while_calls_are_in_flight(pool: PgPool) {
     })
     .await;
     let w = worker_with(&pool, chaos_config(&chaos));
-    let run = {
-        let (w, a) = (w.clone(), a.clone());
-        tokio::spawn(async move { sync(&w, &a).await })
-    };
+    let run = spawn_sync(&w, &a);
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut samples = 0;
     while !run.is_finished() {
