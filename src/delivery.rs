@@ -163,7 +163,7 @@ pub async fn deliver(
             }
             let recorded = async {
                 report.sent += retry_write("confirming changes", || {
-                    outbox::confirm(&rec_pool, rec_audience, &ok)
+                    outbox::confirm(&rec_pool, rec_audience, &rec_owner, &ok)
                 })
                 .await?;
                 retry_write("recording failed changes", || {

@@ -117,10 +117,11 @@ pub struct Confirmed {
 
 /// Deletes confirmed changes and advances each user's synced snapshot, in one statement (one
 /// transaction). A change is confirmed only if it is still the one sent (same version and
-/// value). Returns how many were confirmed.
+/// value) and still leased by `owner`. Returns how many were confirmed.
 pub async fn confirm(
     pool: &PgPool,
     audience_id: i64,
+    owner: &str,
     done: &[Confirmed],
 ) -> Result<u64, sqlx::Error> {
     if done.is_empty() {
@@ -130,10 +131,10 @@ pub async fn confirm(
     let versions: Vec<i64> = done.iter().map(|d| d.target_version).collect();
     let members: Vec<bool> = done.iter().map(|d| d.member).collect();
     let mids: Vec<Uuid> = done.iter().map(|d| d.message_id).collect();
-    // No lease condition: its statistics are stale for most of a run (all NULL when the
-    // outbox was analysed after the diff), and a plan trusting them scanned the whole outbox
-    // per batch. The version and value identify the change that was sent; if another worker
-    // took the lease over meanwhile, it is sending that same change, and Wigzo confirmed it.
+    // The lease test is wrapped in `coalesce` so the planner does not estimate it from the
+    // lease column's statistics: those are stale for most of a run (all NULL when the outbox
+    // was analysed after the diff), and a plan trusting them scanned the whole outbox per
+    // batch instead of looking each change up by its key.
     let n: i64 = sqlx::query_scalar(
         "WITH done AS (
             DELETE FROM outbox o
@@ -141,6 +142,7 @@ pub async fn confirm(
                    AS r(user_id, version, member, message_id)
              WHERE o.audience_id = $1 AND o.user_id = r.user_id
                AND o.target_version = r.version AND o.member = r.member
+               AND coalesce(o.lease_owner = $6, false)
          RETURNING o.audience_id, o.user_id, o.member, o.email, o.phone, o.name,
                    o.target_version, o.run_id, r.message_id, o.created_at
          ), snap AS (
@@ -164,6 +166,7 @@ pub async fn confirm(
     .bind(&versions)
     .bind(&members)
     .bind(&mids)
+    .bind(owner)
     .fetch_one(pool)
     .await?;
     Ok(n as u64)
