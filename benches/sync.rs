@@ -20,7 +20,7 @@ use audience_sync::wigzo::{IDENTIFY_PATH, WigzoClient, identify_payload};
 use audience_sync::{db, diff, snapshot};
 use futures::StreamExt;
 use serde_json::{Value, json};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgConnectOptions;
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Executor, PgPool};
 use tokio_util::sync::CancellationToken;
 
@@ -153,7 +153,7 @@ fn def(name: &str) -> AudienceDef {
 
 async fn bench(args: &Args, opts: PgConnectOptions) -> Result<Value> {
     let n = args.members;
-    let pool = PgPoolOptions::new()
+    let pool = db::pool_options()
         .max_connections(8)
         .connect_with(opts.clone())
         .await

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use secrecy::SecretString;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection, PgPool};
 use tokio_util::sync::CancellationToken;
 
@@ -328,7 +328,7 @@ async fn destination(opts: &DemoOptions, env: &EnvOverrides) -> Result<Destinati
 
 /// The story; returns the number of calls sent (and, with the receiver, received).
 async fn story(db: &DemoDb, opts: &DemoOptions, env: &EnvOverrides) -> Result<u64> {
-    let pool = PgPoolOptions::new()
+    let pool = crate::db::pool_options()
         .max_connections(8)
         .acquire_timeout(Duration::from_secs(30))
         .connect_with(db.options().clone())

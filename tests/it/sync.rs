@@ -299,3 +299,34 @@ async fn message_ids_equal_the_sql_formula(pool: PgPool) {
         );
     }
 }
+
+/// sqlx 0.9.0 leaves Nagle's algorithm on, and a confirmation larger than one TCP segment then
+/// waited ~40 ms for the server's delayed ACK. Every connection of ours turns it off. When the
+/// first assertion fails, sqlx sets TCP_NODELAY itself and `db::set_nodelay` can go.
+#[sqlx::test]
+async fn database_connections_turn_off_nagle(pool: PgPool) {
+    use audience_sync::db;
+    use sqlx::ConnectOptions;
+    let opts = pool.connect_options().as_ref().clone();
+    let mut plain = opts.connect().await.unwrap();
+    let Some(sqlx_default) = db::tcp_nodelay(&mut plain).await.unwrap() else {
+        eprintln!("DATABASE_URL is not a TCP address; TCP_NODELAY does not apply");
+        return;
+    };
+    assert!(
+        !sqlx_default,
+        "sqlx now sets TCP_NODELAY: remove db::set_nodelay"
+    );
+
+    let mut dedicated = db::dedicated(&opts).await.unwrap();
+    assert_eq!(db::tcp_nodelay(&mut dedicated).await.unwrap(), Some(true));
+    let pooled = db::pool_options()
+        .max_connections(2)
+        .connect_with(opts)
+        .await
+        .unwrap();
+    let mut a = pooled.acquire().await.unwrap();
+    let mut b = pooled.acquire().await.unwrap();
+    assert_eq!(db::tcp_nodelay(&mut a).await.unwrap(), Some(true));
+    assert_eq!(db::tcp_nodelay(&mut b).await.unwrap(), Some(true));
+}
