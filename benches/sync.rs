@@ -16,7 +16,7 @@ use audience_sync::delivery::{self, Target};
 use audience_sync::outbox::{self, Change};
 use audience_sync::receiver::Receiver;
 use audience_sync::sync::{Mode, Worker, owner_id};
-use audience_sync::wigzo::{IDENTIFY_PATH, WigzoClient, identify_payload};
+use audience_sync::wigzo::{IDENTIFY_PATH, Identify, WigzoClient};
 use audience_sync::{db, diff, snapshot};
 use futures::StreamExt;
 use serde_json::{Value, json};
@@ -497,7 +497,7 @@ async fn bare_client(
     let t = Instant::now();
     let ok = futures::stream::iter(changes)
         .map(|c| {
-            let body = identify_payload(a.id, &a.def.key, c);
+            let body = Identify::new(a.id, &a.def.key, c);
             let req = http
                 .post(&endpoint)
                 .query(&[("org_token", TOKEN)])

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::WigzoConfig;
 use crate::outbox::{self, Change, Confirmed, NotConfirmed};
-use crate::wigzo::{Outcome, WigzoClient, backoff, identify_payload};
+use crate::wigzo::{Identify, Outcome, WigzoClient, backoff};
 
 /// Longest wait honoured from one `Retry-After` (longer asks are capped at this).
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
@@ -276,7 +276,7 @@ struct SendCtx {
 
 /// Sends one change until it is confirmed, rejected, out of attempts, or the run stops.
 async fn send_one(ctx: &SendCtx, target: &Target, change: Change) -> Result1 {
-    let body = identify_payload(target.audience_id, &target.key, &change);
+    let body = Identify::new(target.audience_id, &target.key, &change);
     let mut tries: i32 = 0;
     let mut failures: u32 = 0;
     let mut throttles: u32 = 0;

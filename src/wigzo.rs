@@ -6,7 +6,7 @@ use std::time::Duration;
 use chrono::{DateTime, SecondsFormat, Utc};
 use rand::Rng;
 use secrecy::{ExposeSecret, SecretString};
-use serde_json::{Map, Value, json};
+use serde_json::Value;
 
 use crate::config::WigzoConfig;
 use crate::outbox::Change;
@@ -43,43 +43,128 @@ pub enum Outcome {
     Unauthorized { status: u16 },
 }
 
-/// Builds the identify call for one change.
-pub fn identify_payload(audience_id: i64, key: &str, change: &Change) -> Value {
-    let mut traits = Map::new();
-    traits.insert(key.to_string(), Value::Bool(change.member));
-    let mut body = Map::new();
-    body.insert("type".into(), json!("identify"));
-    body.insert("userId".into(), json!(change.user_id));
-    body.insert("messageId".into(), json!(change.message_id.to_string()));
-    body.insert("timestamp".into(), json!(rfc3339(change.detected_at)));
-    for (field, value) in [
-        ("email", &change.email),
-        ("phone", &change.phone),
-        ("name", &change.name),
-    ] {
-        if let Some(v) = value.as_deref().filter(|v| !v.is_empty()) {
-            traits.insert(field.into(), json!(v));
-            if field != "name" {
-                body.insert(field.into(), json!(v));
-            } else {
-                body.insert("fullName".into(), json!(v));
+/// The identify call for one change, borrowed from it and serialised straight into the request
+/// body (no JSON tree is built per call).
+#[derive(Debug, serde::Serialize)]
+pub struct Identify<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(rename = "userId")]
+    user_id: &'a str,
+    #[serde(rename = "messageId")]
+    message_id: uuid::Uuid,
+    timestamp: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    email: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    phone: Option<&'a str>,
+    #[serde(rename = "fullName", skip_serializing_if = "Option::is_none")]
+    full_name: Option<&'a str>,
+    traits: Traits<'a>,
+    context: Context<'a>,
+    is_active: bool,
+}
+
+/// `{"<audience key>": member, "email": ..., "phone": ..., "name": ...}`; a contact field of the
+/// same name as the key is left out so that the flag is not overwritten.
+#[derive(Debug)]
+struct Traits<'a> {
+    key: &'a str,
+    member: bool,
+    email: Option<&'a str>,
+    phone: Option<&'a str>,
+    name: Option<&'a str>,
+}
+
+impl serde::Serialize for Traits<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry(self.key, &self.member)?;
+        for (field, value) in [
+            ("email", self.email),
+            ("phone", self.phone),
+            ("name", self.name),
+        ] {
+            // An audience keyed "email", "phone" or "name" keeps its membership flag.
+            if let Some(v) = value
+                && field != self.key
+            {
+                m.serialize_entry(field, v)?;
             }
         }
+        m.end()
     }
-    body.insert("traits".into(), Value::Object(traits));
-    body.insert(
-        "context".into(),
-        json!({
-            "personas": {
-                "computation_class": "audience",
-                "computation_key": key,
-                "computation_id": audience_id.to_string(),
+}
+
+#[derive(Debug, serde::Serialize)]
+struct Context<'a> {
+    personas: Personas<'a>,
+    library: Library,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct Personas<'a> {
+    computation_class: &'static str,
+    computation_key: &'a str,
+    #[serde(serialize_with = "as_string")]
+    computation_id: i64,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct Library {
+    name: &'static str,
+    version: &'static str,
+}
+
+fn as_string<S: serde::Serializer>(v: &i64, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+impl<'a> Identify<'a> {
+    /// The identify call for one change of audience `audience_id` (key `key`). Empty contact
+    /// fields are left out.
+    pub fn new(audience_id: i64, key: &'a str, change: &'a Change) -> Self {
+        let present = |v: &'a Option<String>| v.as_deref().filter(|v| !v.is_empty());
+        let (email, phone, name) = (
+            present(&change.email),
+            present(&change.phone),
+            present(&change.name),
+        );
+        Identify {
+            kind: "identify",
+            user_id: &change.user_id,
+            message_id: change.message_id,
+            timestamp: rfc3339(change.detected_at),
+            email,
+            phone,
+            full_name: name,
+            traits: Traits {
+                key,
+                member: change.member,
+                email,
+                phone,
+                name,
             },
-            "library": {"name": "audience-sync", "version": env!("CARGO_PKG_VERSION")},
-        }),
-    );
-    body.insert("is_active".into(), json!(true));
-    Value::Object(body)
+            context: Context {
+                personas: Personas {
+                    computation_class: "audience",
+                    computation_key: key,
+                    computation_id: audience_id,
+                },
+                library: Library {
+                    name: "audience-sync",
+                    version: env!("CARGO_PKG_VERSION"),
+                },
+            },
+            is_active: true,
+        }
+    }
+}
+
+/// The identify call for one change as a JSON value (dry-run samples, tests).
+pub fn identify_payload(audience_id: i64, key: &str, change: &Change) -> Value {
+    serde_json::to_value(Identify::new(audience_id, key, change)).expect("serialisable")
 }
 
 fn rfc3339(t: DateTime<Utc>) -> String {
@@ -126,7 +211,7 @@ impl WigzoClient {
     }
 
     /// Sends one call and classifies the answer. Never returns or logs the token.
-    pub async fn send(&self, body: &Value) -> Outcome {
+    pub async fn send(&self, body: &Identify<'_>) -> Outcome {
         let started = std::time::Instant::now();
         let outcome = self.send_inner(body).await;
         crate::metrics::observe_delivery_latency(started.elapsed().as_secs_f64());
@@ -156,7 +241,7 @@ impl WigzoClient {
         text
     }
 
-    async fn send_inner(&self, body: &Value) -> Outcome {
+    async fn send_inner(&self, body: &Identify<'_>) -> Outcome {
         let res = self
             .http
             .post(&self.url)
@@ -277,6 +362,55 @@ pub fn backoff(retry_number: u32, base: Duration, max: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    fn change(email: Option<&str>, name: Option<&str>) -> Change {
+        Change {
+            user_id: "u-1".into(),
+            member: false,
+            email: email.map(Into::into),
+            phone: Some(String::new()),
+            name: name.map(Into::into),
+            target_version: 3,
+            message_id: uuid::Uuid::from_u128(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef),
+            detected_at: DateTime::from_timestamp_millis(1_764_000_000_123).unwrap(),
+        }
+    }
+
+    #[test]
+    fn identify_payload_has_the_documented_shape() {
+        let c = change(Some("a@example.com"), Some("Ann"));
+        assert_eq!(
+            identify_payload(7, "dormant_shoppers", &c),
+            json!({
+                "type": "identify",
+                "userId": "u-1",
+                "messageId": "01234567-89ab-cdef-0123-456789abcdef",
+                "timestamp": "2025-11-24T16:00:00.123Z",
+                "email": "a@example.com",
+                "fullName": "Ann",
+                "traits": {"dormant_shoppers": false, "email": "a@example.com", "name": "Ann"},
+                "context": {
+                    "personas": {
+                        "computation_class": "audience",
+                        "computation_key": "dormant_shoppers",
+                        "computation_id": "7",
+                    },
+                    "library": {"name": "audience-sync", "version": env!("CARGO_PKG_VERSION")},
+                },
+                "is_active": true,
+            })
+        );
+    }
+
+    #[test]
+    fn an_audience_keyed_like_a_contact_field_keeps_its_flag() {
+        let c = change(Some("a@example.com"), None);
+        let body = serde_json::to_string(&Identify::new(1, "email", &c)).unwrap();
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["traits"], json!({"email": false}));
+        assert!(body.contains(r#""traits":{"email":false}"#), "{body}");
+    }
 
     #[test]
     fn statuses_map_to_outcomes() {
