@@ -1,5 +1,6 @@
 //! Snapshot capture: runs an audience's query in a read-only transaction with a statement
-//! timeout and streams its result, set-based, into a temporary table on the run's connection.
+//! timeout and writes its result, set-based and in one pass, into a temporary table on the
+//! run's connection.
 
 use std::time::Duration;
 
@@ -49,13 +50,14 @@ pub async fn capture(
         key: key.to_string(),
         message: db_message(&e),
     };
-    // Rows land as returned in a plain table (no index to maintain per row), then move,
-    // cleaned and de-duplicated by one sort, to the capture table, indexed once at the end.
+    // One pass: the query's rows, ids cleaned, land sorted by bytes in the capture table; the
+    // unique index built afterwards both checks for duplicate ids and, on input already in
+    // order, costs little. Sorted rows also make the first-sync outbox insert walk its key in
+    // order. Sorting by bytes ("C") is several times faster than by the database's linguistic
+    // collation, and equality is the same either way.
     conn.execute(
         "DROP TABLE IF EXISTS pg_temp.audience_capture;
-         DROP TABLE IF EXISTS pg_temp.audience_capture_raw;
-         CREATE TEMP TABLE audience_capture (user_id text, email text, phone text, name text);
-         CREATE TEMP TABLE audience_capture_raw (user_id text, email text, phone text, name text)",
+         CREATE TEMP TABLE audience_capture (user_id text, email text, phone text, name text)",
     )
     .await
     .map_err(db)?;
@@ -76,14 +78,20 @@ pub async fn capture(
     };
     let timeout_ms = timeout.as_millis().min(i32::MAX as u128);
     // Empty or blank ids, and ids too long to index, become NULL: skipped and counted.
-    let clean_id = format!(
-        "CASE WHEN btrim(user_id) <> '' AND length(user_id) <= {MAX_USER_ID_LEN} THEN user_id END"
-    );
+    let cleaned = |select: &str| {
+        format!(
+            "SELECT user_id, email, phone, name
+               FROM (SELECT CASE WHEN btrim(user_id) <> '' AND length(user_id) <= {MAX_USER_ID_LEN}
+                                 THEN user_id END AS user_id, email, phone, name
+                       FROM ({select}) AS s) AS r
+              ORDER BY user_id COLLATE \"C\""
+        )
+    };
 
-    match source {
+    let rows = match source {
         None => {
             let shape = inspect_query(conn, key, query).await?;
-            let select = source_select(query, shape);
+            let select = cleaned(&source_select(query, shape));
             let mut tx = conn.begin().await.map_err(db)?;
             tx.execute("SET TRANSACTION READ ONLY").await.map_err(db)?;
             tx.execute(AssertSqlSafe(format!(
@@ -91,13 +99,15 @@ pub async fn capture(
             )))
             .await
             .map_err(db)?;
-            tx.execute(AssertSqlSafe(format!(
-                "INSERT INTO pg_temp.audience_capture_raw (user_id, email, phone, name)
-                     SELECT user_id, email, phone, name FROM ({select}) AS s"
-            )))
-            .await
-            .map_err(query_err)?;
+            let rows = tx
+                .execute(AssertSqlSafe(format!(
+                    "INSERT INTO pg_temp.audience_capture (user_id, email, phone, name) {select}"
+                )))
+                .await
+                .map_err(query_err)?
+                .rows_affected();
             tx.commit().await.map_err(db)?;
+            rows
         }
         Some(url) => {
             let opts = crate::db::options(url).map_err(|e| AudienceError::Source {
@@ -111,7 +121,7 @@ pub async fn capture(
                     message: e.to_string(),
                 })?;
             let shape = inspect_query(&mut src, key, query).await?;
-            let select = source_select(query, shape);
+            let select = cleaned(&source_select(query, shape));
             let mut tx = src.begin().await.map_err(query_err)?;
             tx.execute("SET TRANSACTION READ ONLY")
                 .await
@@ -122,7 +132,7 @@ pub async fn capture(
             .await
             .map_err(query_err)?;
             let mut sink = conn
-                .copy_in_raw("COPY pg_temp.audience_capture_raw FROM STDIN (FORMAT binary)")
+                .copy_in_raw("COPY pg_temp.audience_capture FROM STDIN (FORMAT binary)")
                 .await
                 .map_err(db)?;
             {
@@ -134,42 +144,55 @@ pub async fn capture(
                     sink.send(chunk).await.map_err(db)?;
                 }
             }
-            sink.finish().await.map_err(db)?;
+            let rows = sink.finish().await.map_err(db)?;
             tx.commit().await.map_err(query_err)?;
+            rows
         }
-    }
+    };
 
-    let skipped: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
-        "SELECT count(*) FROM pg_temp.audience_capture_raw WHERE ({clean_id}) IS NULL"
-    )))
-    .fetch_one(&mut *conn)
-    .await
-    .map_err(db)?;
-    // Duplicates collapse to one member. Sorting by bytes ("C") is several times faster than
-    // by the database's linguistic collation, and equality is the same either way.
-    let members = conn
-        .execute(AssertSqlSafe(format!(
-            "INSERT INTO pg_temp.audience_capture (user_id, email, phone, name)
-                 SELECT DISTINCT ON (user_id COLLATE \"C\") user_id, email, phone, name
-                   FROM (SELECT {clean_id} AS user_id, email, phone, name
-                           FROM pg_temp.audience_capture_raw) AS r
-                  WHERE user_id IS NOT NULL"
-        )))
+    // NULL ids (the skipped rows) do not collide in a unique index; duplicate ids do, and then
+    // collapse to one member (the first in byte order of the rows sharing the id).
+    let mut duplicates = 0;
+    if let Err(e) = create_index(conn).await {
+        if !is_unique_violation(&e) {
+            return Err(db(e));
+        }
+        duplicates = conn
+            .execute(
+                "DELETE FROM pg_temp.audience_capture a
+                  USING pg_temp.audience_capture b
+                  WHERE a.user_id = b.user_id AND a.ctid > b.ctid",
+            )
+            .await
+            .map_err(db)?
+            .rows_affected();
+        create_index(conn).await.map_err(db)?;
+    }
+    let skipped = conn
+        .execute("DELETE FROM pg_temp.audience_capture WHERE user_id IS NULL")
         .await
         .map_err(db)?
         .rows_affected();
     // Temporary tables are never analysed by autovacuum; the diff's plan needs statistics.
+    conn.execute("ANALYZE pg_temp.audience_capture")
+        .await
+        .map_err(db)?;
+    Ok(Captured {
+        members: (rows - duplicates - skipped) as i64,
+        skipped_rows: skipped as i64,
+    })
+}
+
+async fn create_index(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
     conn.execute(
-        "DROP TABLE pg_temp.audience_capture_raw;
-         CREATE UNIQUE INDEX ON pg_temp.audience_capture (user_id);
-         ANALYZE pg_temp.audience_capture",
+        "CREATE UNIQUE INDEX audience_capture_user_id ON pg_temp.audience_capture (user_id)",
     )
     .await
-    .map_err(db)?;
-    Ok(Captured {
-        members: members as i64,
-        skipped_rows: skipped,
-    })
+    .map(drop)
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.code().as_deref() == Some("23505"))
 }
 
 /// The query reduced to the four columns we keep, all as text.

@@ -90,6 +90,28 @@ async fn a_query_that_runs_too_long_hits_the_statement_timeout(pool: PgPool) {
     assert!(calls(&server).await.is_empty());
 }
 
+/// The same rows read from a separate source database (streamed over with COPY) are
+/// cleaned, counted and collapsed the same way.
+#[sqlx::test]
+async fn a_source_database_gets_the_same_id_cleaning(pool: PgPool) {
+    let server = wigzo_ok().await;
+    let mut d = def(
+        "Remote",
+        "SELECT * FROM (VALUES ('1', 'a@b.c'), ('1', 'dup@b.c'), (NULL, 'x'), ('', 'y'),
+                               (repeat('x', 10000), 'long'), ('2', 'b@b.c')) v(user_id, email)",
+    );
+    d.source_url = Some(db_url(&pool).into());
+    let a = store_definitions(&pool, &[d]).await.unwrap().remove(0);
+    let r = worker(&pool, &server).run(&a, Mode::Sync, false).await;
+    assert!(r.succeeded(), "{r:?}");
+    assert_eq!((r.members, r.skipped_rows, r.sent), (2, 3, 2));
+    let users: Vec<String> = sqlx::query_scalar("SELECT user_id FROM synced_members ORDER BY 1")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(users, vec!["1".to_string(), "2".to_string()]);
+}
+
 #[sqlx::test]
 async fn null_empty_long_and_duplicate_ids_are_skipped_or_collapsed(pool: PgPool) {
     let r = run_query(
