@@ -80,10 +80,18 @@ pub async fn dedicated(opts: &PgConnectOptions) -> Result<PgConnection, DbError>
 /// 1-3 ms. sqlx does not hand out its socket, so the socket is found among the process's open
 /// files by the ports the server reports for this session. Over a Unix socket, or where the
 /// server sees other ports (a proxy in between), nothing matches and nothing changes.
-/// Remove this once sqlx sets TCP_NODELAY itself.
+/// It is an optimisation: a server that cannot report the ports (a PostgreSQL-compatible
+/// one without `inet_client_port()`) leaves the connection as it was. Only a lost connection
+/// is an error. Remove this once sqlx sets TCP_NODELAY itself.
 pub async fn set_nodelay(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-    let Some((local, peer)) = tcp_ports(conn).await? else {
-        return Ok(());
+    let (local, peer) = match tcp_ports(conn).await {
+        Ok(Some(ports)) => ports,
+        Ok(None) => return Ok(()),
+        Err(sqlx::Error::Database(e)) => {
+            tracing::debug!(error = %e, "cannot read the session's ports; Nagle's algorithm stays on");
+            return Ok(());
+        }
+        Err(e) => return Err(e),
     };
     if on_tcp_socket(local, peer, |s| s.set_tcp_nodelay(true)).is_none() {
         tracing::debug!(

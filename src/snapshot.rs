@@ -151,7 +151,8 @@ pub async fn capture(
     };
 
     // NULL ids (the skipped rows) do not collide in a unique index; duplicate ids do, and then
-    // collapse to one member (the first in byte order of the rows sharing the id).
+    // collapse to one member (the first stored of the rows sharing the id). The failed build
+    // shows in the server's log as an ERROR; nothing else comes of it.
     let mut duplicates = 0;
     if let Err(e) = create_index(conn).await {
         if !is_unique_violation(&e) {
