@@ -50,10 +50,11 @@ pub async fn capture(
         key: key.to_string(),
         message: db_message(&e),
     };
-    // One pass: the query's rows, ids cleaned, land sorted by bytes in the capture table; the
-    // unique index built afterwards both checks for duplicate ids and, on input already in
-    // order, costs little. Sorted rows also make the first-sync outbox insert walk its key in
-    // order. Sorting by bytes ("C") is several times faster than by the database's linguistic
+    // One pass: the query's rows, ids cleaned, land sorted by bytes in the capture table (in
+    // the query's order when they come from a separate source database); the unique index
+    // built afterwards both checks for duplicate ids and, on input already in order, costs
+    // little. Sorted rows also make the first-sync outbox insert walk its key in order.
+    // Sorting by bytes ("C") is several times faster than by the database's linguistic
     // collation, and equality is the same either way.
     conn.execute(
         "DROP TABLE IF EXISTS pg_temp.audience_capture;
@@ -77,21 +78,27 @@ pub async fn capture(
         }
     };
     let timeout_ms = timeout.as_millis().min(i32::MAX as u128);
-    // Empty or blank ids, and ids too long to index, become NULL: skipped and counted.
-    let cleaned = |select: &str| {
+    // Empty or blank ids, and ids too long to index, become NULL: skipped and counted. A
+    // separate source database is not asked to sort: that work stays on ours.
+    let cleaned = |select: &str, sorted: bool| {
+        let order = if sorted {
+            "ORDER BY user_id COLLATE \"C\""
+        } else {
+            ""
+        };
         format!(
             "SELECT user_id, email, phone, name
                FROM (SELECT CASE WHEN btrim(user_id) <> '' AND length(user_id) <= {MAX_USER_ID_LEN}
                                  THEN user_id END AS user_id, email, phone, name
                        FROM ({select}) AS s) AS r
-              ORDER BY user_id COLLATE \"C\""
+              {order}"
         )
     };
 
     let rows = match source {
         None => {
             let shape = inspect_query(conn, key, query).await?;
-            let select = cleaned(&source_select(query, shape));
+            let select = cleaned(&source_select(query, shape), true);
             let mut tx = conn.begin().await.map_err(db)?;
             tx.execute("SET TRANSACTION READ ONLY").await.map_err(db)?;
             tx.execute(AssertSqlSafe(format!(
@@ -121,7 +128,7 @@ pub async fn capture(
                     message: e.to_string(),
                 })?;
             let shape = inspect_query(&mut src, key, query).await?;
-            let select = cleaned(&source_select(query, shape));
+            let select = cleaned(&source_select(query, shape), false);
             let mut tx = src.begin().await.map_err(query_err)?;
             tx.execute("SET TRANSACTION READ ONLY")
                 .await
