@@ -6,6 +6,7 @@
 //! audience query returns exactly N members, starts an in-process Wigzo receiver, and measures
 //! each phase of audience-sync against a bare reference doing the same work, in one run.
 
+use std::fmt::Write as _;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
@@ -433,31 +434,60 @@ async fn generate(pool: &PgPool, n: i64) -> Result<()> {
                               user_id bigint NOT NULL, completed_at timestamptz NOT NULL);",
     )
     .await?;
-    sqlx::query(
-        "INSERT INTO users
-         SELECT i, 'user' || i || '@example.com', '+1555' || lpad(i::text, 9, '0')
-           FROM generate_series(1, $1::bigint) i",
+    copy_rows(
+        &mut conn,
+        "COPY users (id, email, phone) FROM STDIN",
+        1..=total,
+        |buf, i| writeln!(buf, "{i}\tuser{i}@example.com\t+1555{i:09}"),
     )
-    .bind(total)
-    .execute(&mut *conn)
     .await?;
-    sqlx::query(
-        "INSERT INTO orders (user_id, completed_at)
-         SELECT i, now() - make_interval(days => 1 + (i % 28)::int, secs => (i % 86400)::int)
-           FROM generate_series(1, $1::bigint) i
-         UNION ALL
-         SELECT i, now() - make_interval(days => 31 + (i % 29)::int, secs => (i % 86400)::int)
-           FROM generate_series(1, $2::bigint) i",
+    // The database's clock, so that "the last 30 days" of the query means the same days.
+    let now: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT now()")
+        .fetch_one(&mut *conn)
+        .await?;
+    // Users 1..=N ordered 1-28 days ago; every user also ordered 31-59 days ago.
+    let recent = (1..=n).map(|i| (i, 1 + i % 28));
+    let old = (1..=total).map(|i| (i, 31 + i % 29));
+    copy_rows(
+        &mut conn,
+        "COPY orders (user_id, completed_at) FROM STDIN",
+        recent.chain(old),
+        |buf, (user, days)| {
+            let at = now - chrono::Duration::days(days) - chrono::Duration::seconds(user % 86_400);
+            writeln!(buf, "{user}\t{}", at.format("%Y-%m-%d %H:%M:%S%.6f+00"))
+        },
     )
-    .bind(n)
-    .bind(total)
-    .execute(&mut *conn)
     .await?;
     conn.execute(
         "CREATE INDEX orders_user_completed ON orders (user_id, completed_at);
          ANALYZE users; ANALYZE orders;",
     )
     .await?;
+    Ok(())
+}
+
+/// Streams text-format COPY rows, written by `write` for each item, to the server in chunks
+/// of about 1 MiB (memory stays flat whatever the row count).
+async fn copy_rows<T>(
+    conn: &mut sqlx::PgConnection,
+    statement: &str,
+    items: impl Iterator<Item = T>,
+    write: impl Fn(&mut String, T) -> std::fmt::Result,
+) -> Result<()> {
+    const CHUNK: usize = 1 << 20;
+    let mut copy = conn.copy_in_raw(statement).await?;
+    let mut buf = String::with_capacity(CHUNK + 256);
+    for item in items {
+        write(&mut buf, item)?;
+        if buf.len() >= CHUNK {
+            copy.send(std::mem::replace(&mut buf, String::with_capacity(CHUNK + 256)).into_bytes())
+                .await?;
+        }
+    }
+    if !buf.is_empty() {
+        copy.send(buf.into_bytes()).await?;
+    }
+    copy.finish().await?;
     Ok(())
 }
 
