@@ -7,6 +7,7 @@
 //! each phase of audience-sync against a bare reference doing the same work, in one run.
 
 use std::fmt::Write as _;
+use std::io::Write as _;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
@@ -16,7 +17,6 @@ use audience_sync::config::WigzoConfig;
 use audience_sync::delivery::{self, Target};
 use audience_sync::outbox::{self, Change};
 use audience_sync::receiver::Receiver;
-use audience_sync::sync::{Mode, Worker, owner_id};
 use audience_sync::wigzo::{IDENTIFY_PATH, Identify, WigzoClient};
 use audience_sync::{db, diff, snapshot};
 use futures::StreamExt;
@@ -125,7 +125,10 @@ async fn run(args: &Args) -> Result<Value> {
         .await
         .with_context(|| format!("cannot create database {name}"))?;
     progress(args, &format!("created database {name}"));
-    let result = bench(args, admin_opts.clone().database(&name)).await;
+    // The same server and role, the bench database: for the worker process of phase 4.
+    let mut db_url = reqwest::Url::parse(&url).context("DATABASE_URL is not a valid URL")?;
+    db_url.set_path(&name);
+    let result = bench(args, admin_opts.clone().database(&name), db_url.as_str()).await;
     let dropped = admin
         .execute(AssertSqlSafe(format!(
             "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
@@ -152,7 +155,7 @@ fn def(name: &str) -> AudienceDef {
     }
 }
 
-async fn bench(args: &Args, opts: PgConnectOptions) -> Result<Value> {
+async fn bench(args: &Args, opts: PgConnectOptions, db_url: &str) -> Result<Value> {
     let n = args.members;
     let pool = db::pool_options()
         .max_connections(8)
@@ -331,32 +334,37 @@ async fn bench(args: &Args, opts: PgConnectOptions) -> Result<Value> {
         ),
     );
 
-    // ---- Phase 4: end to end, initial then incremental after churn -----------------------
+    // ---- Phase 4: end to end, the worker binary in a process of its own -----------------
+    // `audience-sync --json sync --audience <key>`, as an operator runs it: an initial sync,
+    // then churn and an incremental one. Its peak RSS (phase 5) is the worker's alone,
+    // without the harness, the receiver or the bare client.
     let b = &auds[1];
-    let worker = Worker {
-        pool: pool.clone(),
-        connect: opts.clone(),
-        client: client.clone(),
-        wigzo: wigzo.clone(),
-        statement_timeout: STATEMENT_TIMEOUT,
-        owner: owner_id(),
-        cancel: CancellationToken::new(),
-        progress: false,
+    let mut config = tempfile::NamedTempFile::new()?;
+    write!(
+        config,
+        "[wigzo]\nrequests_per_second = 0\nconcurrency = {CONCURRENCY}\nbatch_size = {BATCH_SIZE}\n\
+         [database]\nstatement_timeout_secs = {}\n\
+         [[audience]]\nname = {:?}\nschedule = {:?}\nquery = {:?}\n",
+        STATEMENT_TIMEOUT.as_secs(),
+        b.def.name,
+        b.def.schedule,
+        QUERY
+    )?;
+    let worker = WorkerProcess {
+        config: config.path(),
+        db_url,
+        receiver: &receiver,
+        key: &b.def.key,
     };
-    let rss_before_e2e = status_kib("VmRSS").unwrap_or(0);
-    let hwm_reset = reset_peak_rss();
-    let t = Instant::now();
-    let initial = worker.run(b, Mode::Sync, false).await;
-    let initial_sync_s = t.elapsed().as_secs_f64();
+    let calls_before = receiver.calls();
+    let (initial, initial_sync_s, initial_kib) = worker.sync().await?;
     ensure!(
-        initial.succeeded() && initial.kind == "initial" && initial.sent == n as u64,
-        "initial sync: {} {} sent {} ({:?})",
-        initial.kind,
-        initial.status,
-        initial.sent,
-        initial.error
+        initial["kind"] == "initial"
+            && initial["status"] == "succeeded"
+            && initial["sent"] == n
+            && receiver.calls() - calls_before == n as u64,
+        "initial sync: {initial}"
     );
-    let e2e_hwm = status_kib("VmHWM").unwrap_or(0);
     progress(
         args,
         &format!("initial sync of {n} in {initial_sync_s:.2} s"),
@@ -364,22 +372,14 @@ async fn bench(args: &Args, opts: PgConnectOptions) -> Result<Value> {
 
     let k = (args.churn * n as f64 / 2.0).round() as i64;
     churn(&pool, n, k).await?;
-    let t = Instant::now();
-    let incr = worker.run(b, Mode::Sync, false).await;
-    let incremental_sync_s = t.elapsed().as_secs_f64();
+    let (incr, incremental_sync_s, incremental_kib) = worker.sync().await?;
     ensure!(
-        incr.succeeded()
-            && incr.kind == "incremental"
-            && incr.added == k
-            && incr.removed == k
-            && incr.sent == 2 * k as u64,
-        "incremental sync: {} {} added {} removed {} sent {} ({:?}); expected {k} each",
-        incr.kind,
-        incr.status,
-        incr.added,
-        incr.removed,
-        incr.sent,
-        incr.error
+        incr["kind"] == "incremental"
+            && incr["status"] == "succeeded"
+            && incr["added"] == k
+            && incr["removed"] == k
+            && incr["sent"] == 2 * k,
+        "incremental sync: {incr}; expected {k} added and removed"
     );
     progress(
         args,
@@ -390,7 +390,9 @@ async fn bench(args: &Args, opts: PgConnectOptions) -> Result<Value> {
     pool.close().await;
 
     // ---- Phase 5: memory ------------------------------------------------------------------
-    let peak_rss_mib = status_kib("VmHWM").unwrap_or(0) as f64 / 1024.0;
+    let worker_kib = initial_kib.max(incremental_kib);
+    ensure!(worker_kib > 0, "cannot read the worker process's peak RSS");
+    let harness_kib = status_kib("VmHWM").unwrap_or(0);
     let mib = |kib: u64| (kib as f64 / 1024.0 * 10.0).round() / 10.0;
     let r3 = |x: f64| (x * 1000.0).round() / 1000.0;
 
@@ -402,7 +404,8 @@ async fn bench(args: &Args, opts: PgConnectOptions) -> Result<Value> {
         "initial_sync_s": r3(initial_sync_s),
         "incremental_sync_s": r3(incremental_sync_s),
         "calls_per_s": calls_per_s.round(),
-        "peak_rss_mib": (peak_rss_mib * 10.0).round() / 10.0,
+        "peak_rss_mib": mib(worker_kib),
+        "harness_peak_rss_mib": mib(harness_kib),
         "generate_s": r3(generate_s),
         "capture_s": r3(capture_s),
         "diff_s": r3(diff_s),
@@ -417,8 +420,6 @@ async fn bench(args: &Args, opts: PgConnectOptions) -> Result<Value> {
         "bare_calls_per_s": bare_calls_per_s.round(),
         "initial_calls_per_s": (n as f64 / initial_sync_s).round(),
         "churn_changes": 2 * k,
-        "rss_before_e2e_mib": mib(rss_before_e2e),
-        "e2e_peak_rss_mib": if hwm_reset { Value::from(mib(e2e_hwm)) } else { Value::Null },
         "concurrency": CONCURRENCY,
         "batch_size": BATCH_SIZE,
     }))
@@ -556,7 +557,11 @@ async fn bare_client(
 
 /// A `/proc/self/status` field in KiB.
 fn status_kib(field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status_field_kib(&std::fs::read_to_string("/proc/self/status").ok()?, field)
+}
+
+/// A field of a `/proc/<pid>/status` text, in KiB.
+fn status_field_kib(status: &str, field: &str) -> Option<u64> {
     status
         .lines()
         .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
@@ -566,9 +571,64 @@ fn status_kib(field: &str) -> Option<u64> {
         .ok()
 }
 
-/// Resets VmHWM to the current RSS (Linux >= 4.0), so the end-to-end peak can be read alone.
-fn reset_peak_rss() -> bool {
-    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+/// The `audience-sync` binary of this package, run against the bench database and receiver.
+struct WorkerProcess<'a> {
+    config: &'a std::path::Path,
+    db_url: &'a str,
+    receiver: &'a Receiver,
+    key: &'a str,
+}
+
+impl WorkerProcess<'_> {
+    /// Runs `sync --audience <key>` to completion; returns its one report, the wall time and
+    /// the process's peak RSS in KiB. The peak is its own `VmHWM`, read every 20 ms while it
+    /// runs: the rusage of a waited-for child would also count the harness's own memory, which
+    /// a spawned child carries until it executes the binary.
+    async fn sync(&self) -> Result<(Value, f64, u64)> {
+        let t = Instant::now();
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_audience-sync"))
+            .args(["--json", "--config"])
+            .arg(self.config)
+            .args(["sync", "--audience", self.key])
+            .env("DATABASE_URL", self.db_url)
+            .env("WIGZO_BASE_URL", self.receiver.base_url())
+            .env("WIGZO_ORG_TOKEN", TOKEN)
+            .env_remove("AUDIENCE_SYNC_CONFIG")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .context("cannot run the audience-sync binary")?;
+        let status_path = format!("/proc/{}/status", child.id().unwrap_or(0));
+        let mut peak_kib = 0;
+        let out = child.wait_with_output();
+        tokio::pin!(out);
+        let out = loop {
+            tokio::select! {
+                out = &mut out => break out?,
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {
+                    if let Some(kib) = std::fs::read_to_string(&status_path)
+                        .ok()
+                        .and_then(|s| status_field_kib(&s, "VmHWM"))
+                    {
+                        peak_kib = peak_kib.max(kib);
+                    }
+                }
+            }
+        };
+        let secs = t.elapsed().as_secs_f64();
+        ensure!(
+            out.status.success(),
+            "audience-sync sync exited with {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let reports: Vec<Value> = serde_json::from_slice(&out.stdout)
+            .context("audience-sync sync printed no JSON reports")?;
+        let [report] = <[Value; 1]>::try_from(reports)
+            .map_err(|r| anyhow::anyhow!("expected one report, got {}", r.len()))?;
+        Ok((report, secs, peak_kib))
+    }
 }
 
 fn print_table(v: &Value) {
@@ -612,24 +672,23 @@ fn print_table(v: &Value) {
     );
     println!(
         "{:<34} {:>10.3} s",
-        "4. initial sync (end to end)",
+        "4. initial sync (worker process)",
         f("initial_sync_s")
     );
     println!(
         "{:<34} {:>10.3} s",
-        "4. incremental sync (end to end)",
+        "4. incremental sync (same)",
         f("incremental_sync_s")
     );
     println!(
-        "{:<34} {:>10.1} MiB (whole bench process, receiver included)",
-        "5. peak RSS",
+        "{:<34} {:>10.1} MiB (the audience-sync process of phase 4)",
+        "5. peak RSS of the worker",
         f("peak_rss_mib")
     );
     println!(
-        "{:<34} {:>10.1} MiB (RSS before it: {:.1} MiB)",
-        "   peak RSS during initial sync",
-        f("e2e_peak_rss_mib"),
-        f("rss_before_e2e_mib")
+        "{:<34} {:>10.1} MiB (receiver and bare client included)",
+        "   peak RSS of the bench process",
+        f("harness_peak_rss_mib")
     );
     println!("capture_diff_ratio = {}", v["capture_diff_ratio"]);
     println!("delivery_ratio     = {}", v["delivery_ratio"]);
