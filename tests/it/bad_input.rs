@@ -1,17 +1,26 @@
 //! Bad input gets a clear error naming the problem, and stored state is untouched.
 
 use crate::support::*;
-use audience_sync::audience::store_definitions;
+use audience_sync::audience::{AudienceDef, store_definitions};
 use audience_sync::sync::Mode;
 use sqlx::PgPool;
 
 async fn run_query(pool: &PgPool, query: &str) -> audience_sync::sync::RunReport {
+    run_def(pool, def("Q", query)).await
+}
+
+async fn run_def(pool: &PgPool, d: AudienceDef) -> audience_sync::sync::RunReport {
     let server = wigzo_ok().await;
-    let a = store_definitions(pool, &[def("Q", query)])
+    let a = store_definitions(pool, &[d]).await.unwrap().remove(0);
+    worker(pool, &server).run(&a, Mode::Sync, false).await
+}
+
+/// The user ids in the confirmed snapshot, sorted.
+async fn synced_users(pool: &PgPool) -> Vec<String> {
+    sqlx::query_scalar("SELECT user_id FROM synced_members ORDER BY 1")
+        .fetch_all(pool)
         .await
         .unwrap()
-        .remove(0);
-    worker(pool, &server).run(&a, Mode::Sync, false).await
 }
 
 #[sqlx::test]
@@ -94,22 +103,16 @@ async fn a_query_that_runs_too_long_hits_the_statement_timeout(pool: PgPool) {
 /// cleaned, counted and collapsed the same way.
 #[sqlx::test]
 async fn a_source_database_gets_the_same_id_cleaning(pool: PgPool) {
-    let server = wigzo_ok().await;
     let mut d = def(
         "Remote",
         "SELECT * FROM (VALUES ('1', 'a@b.c'), ('1', 'dup@b.c'), (NULL, 'x'), ('', 'y'),
                                (repeat('x', 10000), 'long'), ('2', 'b@b.c')) v(user_id, email)",
     );
     d.source_url = Some(db_url(&pool).into());
-    let a = store_definitions(&pool, &[d]).await.unwrap().remove(0);
-    let r = worker(&pool, &server).run(&a, Mode::Sync, false).await;
+    let r = run_def(&pool, d).await;
     assert!(r.succeeded(), "{r:?}");
     assert_eq!((r.members, r.skipped_rows, r.sent), (2, 3, 2));
-    let users: Vec<String> = sqlx::query_scalar("SELECT user_id FROM synced_members ORDER BY 1")
-        .fetch_all(&pool)
-        .await
-        .unwrap();
-    assert_eq!(users, vec!["1".to_string(), "2".to_string()]);
+    assert_eq!(synced_users(&pool).await, ["1", "2"]);
 }
 
 #[sqlx::test]
@@ -122,11 +125,7 @@ async fn null_empty_long_and_duplicate_ids_are_skipped_or_collapsed(pool: PgPool
     .await;
     assert!(r.succeeded(), "{r:?}");
     assert_eq!((r.members, r.skipped_rows, r.sent), (2, 4, 2));
-    let users: Vec<String> = sqlx::query_scalar("SELECT user_id FROM synced_members ORDER BY 1")
-        .fetch_all(&pool)
-        .await
-        .unwrap();
-    assert_eq!(users, vec!["1".to_string(), "ü🎉".to_string()]);
+    assert_eq!(synced_users(&pool).await, ["1", "ü🎉"]);
 }
 
 #[sqlx::test]
