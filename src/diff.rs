@@ -1,10 +1,13 @@
 //! Diff: compares the captured snapshot with the confirmed state inside Postgres and writes the
-//! changes to the outbox (or previews them for a dry run).
+//! changes to the outbox (or previews them for a dry run); an audience's first sync, where
+//! every member is a change, writes them straight from the query.
 
 // The SQL below is built from constants only; values are bound parameters.
 use sqlx::{AssertSqlSafe, PgConnection, Row};
 
+use crate::audience::db_message;
 use crate::outbox::{self, Change};
+use crate::snapshot::{Captured, Reader, SnapshotError};
 
 /// The set of changes, as SQL over the capture table and `synced_members`.
 /// $1 = audience id, $2 = full resync (send every member, not only those who entered).
@@ -42,6 +45,55 @@ pub struct DiffCounts {
     pub removed: i64,
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum DiffError {
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error("cannot write the diff to the outbox: {}", db_message(.0))]
+    Db(#[from] sqlx::Error),
+}
+
+/// Whether the next run of an audience is its first sync: it has no outbox partition yet
+/// (no change was ever written for it) and nothing confirmed.
+pub async fn is_first_sync(conn: &mut PgConnection, audience_id: i64) -> Result<bool, sqlx::Error> {
+    Ok(!outbox::has_partition(conn, audience_id).await?
+        && !sqlx::query_scalar::<_, bool>(
+            "SELECT EXISTS (SELECT 1 FROM synced_members WHERE audience_id = $1)",
+        )
+        .bind(audience_id)
+        .fetch_one(&mut *conn)
+        .await?)
+}
+
+/// An audience's first sync: nothing is confirmed and nothing owed, so every member is a new
+/// version-1 `true` change and the diff is the capture itself. The query's rows stream
+/// straight into the audience's new outbox partition (no capture table, no joins), which is
+/// indexed and attached in the same transaction: a failed query or a crash leaves nothing.
+pub async fn first_sync(
+    conn: &mut PgConnection,
+    reader: Reader,
+    audience_id: i64,
+    run_id: i64,
+) -> Result<(Captured, DiffCounts), DiffError> {
+    use sqlx::Connection;
+    let mut tx = conn.begin().await?;
+    let partition = outbox::NewPartition::create(&mut tx, audience_id, run_id).await?;
+    let streamed = reader.copy_into(&mut tx, &partition.copy_in()).await?;
+    let duplicates = partition.attach(&mut tx).await?;
+    tx.commit().await?;
+    let members = (streamed.rows - duplicates) as i64;
+    Ok((
+        Captured {
+            members,
+            skipped_rows: streamed.skipped as i64,
+        },
+        DiffCounts {
+            added: members,
+            removed: 0,
+        },
+    ))
+}
+
 /// Writes this run's changes to the outbox in one transaction: new changes are inserted, a
 /// stale pending change for the same user is replaced (keeping its attempts and message id if
 /// it is the same change), and changes the diff no longer contains are deleted.
@@ -50,37 +102,10 @@ pub async fn write_outbox(
     audience_id: i64,
     run_id: i64,
     full: bool,
-) -> Result<DiffCounts, sqlx::Error> {
+) -> Result<DiffCounts, DiffError> {
     use sqlx::Connection;
+    outbox::ensure_partition(conn, audience_id, run_id).await?;
     let mut tx = conn.begin().await?;
-    // First sync of an audience (nothing confirmed, nothing owed): every member is a plain
-    // insert, without the joins and conflict checks an incremental diff needs.
-    let fresh: bool = sqlx::query_scalar(
-        "SELECT NOT EXISTS (SELECT 1 FROM synced_members WHERE audience_id = $1)
-            AND NOT EXISTS (SELECT 1 FROM outbox WHERE audience_id = $1)",
-    )
-    .bind(audience_id)
-    .fetch_one(&mut *tx)
-    .await?;
-    if fresh {
-        let added = sqlx::query(
-            "INSERT INTO outbox (audience_id, user_id, member, email, phone, name,
-                                 target_version, run_id)
-             SELECT $1, user_id, true, email, phone, name, 1, $2
-               FROM pg_temp.audience_capture",
-        )
-        .bind(audience_id)
-        .bind(run_id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        tx.commit().await?;
-        refresh_statistics(conn, added).await?;
-        return Ok(DiffCounts {
-            added: added as i64,
-            removed: 0,
-        });
-    }
     let row = sqlx::query(AssertSqlSafe(format!(
         "WITH {DIFF},
          ins AS (
@@ -117,7 +142,7 @@ pub async fn write_outbox(
         added: row.get(0),
         removed: row.get(1),
     };
-    refresh_statistics(conn, (counts.added + counts.removed) as u64).await?;
+    refresh_statistics(conn, audience_id, (counts.added + counts.removed) as u64).await?;
     Ok(counts)
 }
 
@@ -128,10 +153,19 @@ const ANALYZE_AFTER: u64 = 5_000;
 /// but only later): with the table still looking empty, the claim's plan sorted every pending
 /// row for each batch instead of walking the key from the cursor (15 ms instead of 2 ms per
 /// 500 changes at 50k, growing with the backlog).
-async fn refresh_statistics(conn: &mut PgConnection, written: u64) -> Result<(), sqlx::Error> {
+async fn refresh_statistics(
+    conn: &mut PgConnection,
+    audience_id: i64,
+    written: u64,
+) -> Result<(), sqlx::Error> {
     use sqlx::Executor;
     if written >= ANALYZE_AFTER {
-        conn.execute("ANALYZE outbox").await?;
+        // The audience's partition only: ANALYZE of `outbox` would sample every audience's.
+        conn.execute(AssertSqlSafe(format!(
+            "ANALYZE {}",
+            outbox::partition(audience_id)
+        )))
+        .await?;
     }
     Ok(())
 }

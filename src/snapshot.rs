@@ -1,11 +1,12 @@
 //! Snapshot capture: runs an audience's query in a read-only transaction with a statement
-//! timeout and writes its result, set-based and in one pass, into a temporary table on the
-//! run's connection.
+//! timeout, on a connection of its own, and streams its rows (ids cleaned) with COPY into a
+//! table on the run's connection: the capture table, or a first sync's outbox partition.
 
 use std::time::Duration;
 
 use futures::TryStreamExt;
 use secrecy::SecretString;
+use sqlx::postgres::PgConnectOptions;
 // Audience queries come from the operator's config file, like any other SQL they run.
 use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection};
 
@@ -15,6 +16,8 @@ use crate::audience::{AudienceError, QueryShape, db_message, inspect_query};
 pub const CAPTURE: &str = "pg_temp.audience_capture";
 /// Longest user id kept; longer ones are skipped and counted (they cannot be indexed).
 pub const MAX_USER_ID_LEN: i32 = 512;
+/// Rows are passed on to the writer in chunks of about this many bytes.
+const CHUNK: usize = 256 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -37,174 +40,279 @@ pub struct Captured {
     pub skipped_rows: i64,
 }
 
-/// Captures the members of an audience into [`CAPTURE`] on `conn`. With `source`, the query
-/// runs on that database and its rows are streamed over with COPY.
-pub async fn capture(
-    conn: &mut PgConnection,
-    key: &str,
-    query: &str,
-    source: Option<&SecretString>,
-    timeout: Duration,
-) -> Result<Captured, SnapshotError> {
-    let db = |e: sqlx::Error| SnapshotError::Db {
-        key: key.to_string(),
-        message: db_message(&e),
-    };
-    // One pass: the query's rows, ids cleaned, land sorted by bytes in the capture table (in
-    // the query's order when they come from a separate source database); the unique index
-    // built afterwards both checks for duplicate ids and, on input already in order, costs
-    // little. Sorted rows also make the first-sync outbox insert walk its key in order.
-    // Sorting by bytes ("C") is several times faster than by the database's linguistic
-    // collation, and equality is the same either way.
-    conn.execute(
-        "DROP TABLE IF EXISTS pg_temp.audience_capture;
-         CREATE TEMP TABLE audience_capture (user_id text, email text, phone text, name text)",
-    )
-    .await
-    .map_err(db)?;
+/// What [`Reader::copy_into`] passed on.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Streamed {
+    /// Rows written to the target.
+    pub rows: u64,
+    /// Rows left out: NULL, empty or blank ids, or ids longer than [`MAX_USER_ID_LEN`].
+    pub skipped: u64,
+}
 
-    let query_err = |e: sqlx::Error| {
+/// An audience query opened for reading: a connection of its own to the database the query
+/// runs on (the worker's, or the audience's `source_url`), inside a read-only transaction with
+/// the statement timeout, so a query that writes is refused by PostgreSQL and one that runs
+/// too long is cancelled.
+pub struct Reader {
+    conn: PgConnection,
+    key: String,
+    /// The query reduced to (user_id, email, phone, name) as text, unusable ids as NULL.
+    select: String,
+    timeout: Duration,
+}
+
+impl Reader {
+    /// Connects (to `source`, else to `home`), checks the query's columns, and opens the
+    /// read-only transaction.
+    pub async fn open(
+        home: &PgConnectOptions,
+        key: &str,
+        query: &str,
+        source: Option<&SecretString>,
+        timeout: Duration,
+    ) -> Result<Reader, SnapshotError> {
+        let source_err = |message: String| AudienceError::Source {
+            key: key.to_string(),
+            message,
+        };
+        let mut conn = match source {
+            Some(url) => {
+                let opts = crate::db::options(url).map_err(|e| source_err(e.to_string()))?;
+                crate::db::dedicated(&opts)
+                    .await
+                    .map_err(|e| source_err(e.to_string()))?
+            }
+            None => crate::db::dedicated(home)
+                .await
+                .map_err(|e| SnapshotError::Db {
+                    key: key.to_string(),
+                    message: e.to_string(),
+                })?,
+        };
+        let shape = inspect_query(&mut conn, key, query).await?;
+        let mut reader = Reader {
+            conn,
+            key: key.to_string(),
+            select: cleaned_select(query, shape),
+            timeout,
+        };
+        let timeout_ms = timeout.as_millis().min(i32::MAX as u128);
+        reader
+            .conn
+            .execute(AssertSqlSafe(format!(
+                "BEGIN READ ONLY; SET LOCAL statement_timeout = {timeout_ms}"
+            )))
+            .await
+            .map_err(|e| reader.query_err(e))?;
+        Ok(reader)
+    }
+
+    fn query_err(&self, e: sqlx::Error) -> SnapshotError {
         if let sqlx::Error::Database(d) = &e
             && d.code().as_deref() == Some("57014")
         {
             return SnapshotError::Timeout {
-                key: key.to_string(),
-                secs: timeout.as_secs(),
+                key: self.key.clone(),
+                secs: self.timeout.as_secs(),
             };
         }
         SnapshotError::Query {
-            key: key.to_string(),
+            key: self.key.clone(),
             message: db_message(&e),
         }
-    };
-    let timeout_ms = timeout.as_millis().min(i32::MAX as u128);
-    // Empty or blank ids, and ids too long to index, become NULL: skipped and counted. A
-    // separate source database is not asked to sort: that work stays on ours.
-    let cleaned = |select: &str, sorted: bool| {
-        let order = if sorted {
-            "ORDER BY user_id COLLATE \"C\""
-        } else {
-            ""
-        };
-        format!(
-            "SELECT user_id, email, phone, name
-               FROM (SELECT CASE WHEN btrim(user_id) <> '' AND length(user_id) <= {MAX_USER_ID_LEN}
-                                 THEN user_id END AS user_id, email, phone, name
-                       FROM ({select}) AS s) AS r
-              {order}"
-        )
-    };
+    }
 
-    let rows = match source {
-        None => {
-            let shape = inspect_query(conn, key, query).await?;
-            let select = cleaned(&source_select(query, shape), true);
-            let mut tx = conn.begin().await.map_err(db)?;
-            tx.execute("SET TRANSACTION READ ONLY").await.map_err(db)?;
-            tx.execute(AssertSqlSafe(format!(
-                "SET LOCAL statement_timeout = {timeout_ms}"
-            )))
-            .await
-            .map_err(db)?;
-            let rows = tx
-                .execute(AssertSqlSafe(format!(
-                    "INSERT INTO pg_temp.audience_capture (user_id, email, phone, name) {select}"
-                )))
+    /// Streams the query's rows into `copy_in`, a text-format
+    /// `COPY <table> (user_id, email, phone, name) FROM STDIN` on `writer`, leaving out (and
+    /// counting) the rows whose id is unusable. The query runs on the reader's backend while
+    /// the writer's stores the rows: on two cores the two overlap. If the query fails, the
+    /// COPY is aborted, so the target gets no row of a failed query.
+    pub async fn copy_into(
+        mut self,
+        writer: &mut PgConnection,
+        copy_in: &str,
+    ) -> Result<Streamed, SnapshotError> {
+        let key = self.key.clone();
+        let db = |e: sqlx::Error| SnapshotError::Db {
+            key: key.clone(),
+            message: db_message(&e),
+        };
+        let mut sink = writer.copy_in_raw(copy_in).await.map_err(db)?;
+        let statement = format!("COPY ({}) TO STDOUT", self.select);
+        let mut lines = Lines::default();
+        let streamed: Result<(), Failed> = async {
+            let mut rows = self
+                .conn
+                .copy_out_raw(&statement)
                 .await
-                .map_err(query_err)?
-                .rows_affected();
-            tx.commit().await.map_err(db)?;
-            rows
-        }
-        Some(url) => {
-            let opts = crate::db::options(url).map_err(|e| AudienceError::Source {
-                key: key.to_string(),
-                message: e.to_string(),
-            })?;
-            let mut src = crate::db::dedicated(&opts)
-                .await
-                .map_err(|e| AudienceError::Source {
-                    key: key.to_string(),
-                    message: e.to_string(),
-                })?;
-            let shape = inspect_query(&mut src, key, query).await?;
-            let select = cleaned(&source_select(query, shape), false);
-            let mut tx = src.begin().await.map_err(query_err)?;
-            tx.execute("SET TRANSACTION READ ONLY")
-                .await
-                .map_err(query_err)?;
-            tx.execute(AssertSqlSafe(format!(
-                "SET LOCAL statement_timeout = {timeout_ms}"
-            )))
-            .await
-            .map_err(query_err)?;
-            let mut sink = conn
-                .copy_in_raw("COPY pg_temp.audience_capture FROM STDIN (FORMAT binary)")
-                .await
-                .map_err(db)?;
-            {
-                let mut rows = tx
-                    .copy_out_raw(&format!("COPY ({select}) TO STDOUT (FORMAT binary)"))
-                    .await
-                    .map_err(query_err)?;
-                while let Some(chunk) = rows.try_next().await.map_err(query_err)? {
-                    sink.send(chunk).await.map_err(db)?;
+                .map_err(Failed::Read)?;
+            while let Some(chunk) = rows.try_next().await.map_err(Failed::Read)? {
+                lines.push(&chunk);
+                if lines.out.len() >= CHUNK {
+                    let full = std::mem::replace(&mut lines.out, Vec::with_capacity(CHUNK * 2));
+                    sink.send(full).await.map_err(Failed::Write)?;
                 }
             }
-            let rows = sink.finish().await.map_err(db)?;
-            tx.commit().await.map_err(query_err)?;
-            rows
+            Ok(())
         }
-    };
-
-    // NULL ids (the skipped rows) do not collide in a unique index; duplicate ids do, and then
-    // collapse to one member (the first stored of the rows sharing the id). The failed build
-    // shows in the server's log as an ERROR; nothing else comes of it.
-    let mut duplicates = 0;
-    if let Err(e) = create_index(conn).await {
-        if !is_unique_violation(&e) {
-            return Err(db(e));
+        .await;
+        match streamed {
+            Ok(()) => {}
+            Err(Failed::Read(e)) => {
+                let _ = sink.abort("the audience query failed").await;
+                return Err(self.query_err(e));
+            }
+            Err(Failed::Write(e)) => {
+                let _ = sink.abort("the rows could not be stored").await;
+                return Err(db(e));
+            }
         }
-        duplicates = conn
-            .execute(
-                "DELETE FROM pg_temp.audience_capture a
-                  USING pg_temp.audience_capture b
-                  WHERE a.user_id = b.user_id AND a.ctid > b.ctid",
-            )
-            .await
-            .map_err(db)?
-            .rows_affected();
-        create_index(conn).await.map_err(db)?;
+        lines.finish();
+        if !lines.out.is_empty() {
+            sink.send(std::mem::take(&mut lines.out))
+                .await
+                .map_err(db)?;
+        }
+        let rows = sink.finish().await.map_err(db)?;
+        // The read-only transaction ends with the reader's session.
+        let _ = self.conn.close().await;
+        Ok(Streamed {
+            rows,
+            skipped: lines.skipped,
+        })
     }
-    let skipped = conn
-        .execute("DELETE FROM pg_temp.audience_capture WHERE user_id IS NULL")
-        .await
-        .map_err(db)?
-        .rows_affected();
+}
+
+/// Which side of a copy failed.
+enum Failed {
+    Read(sqlx::Error),
+    Write(sqlx::Error),
+}
+
+/// Text-format COPY rows on their way from reader to writer: whole lines are kept in `out`,
+/// except those whose first field (the user id) is NULL, which are counted. A line split across
+/// two chunks is held back until its end arrives.
+#[derive(Default)]
+struct Lines {
+    out: Vec<u8>,
+    partial: Vec<u8>,
+    skipped: u64,
+}
+
+impl Lines {
+    fn push(&mut self, mut data: &[u8]) {
+        if !self.partial.is_empty() {
+            let Some(end) = memchr::memchr(b'\n', data) else {
+                self.partial.extend_from_slice(data);
+                return;
+            };
+            let mut line = std::mem::take(&mut self.partial);
+            line.extend_from_slice(&data[..=end]);
+            self.line(&line);
+            data = &data[end + 1..];
+        }
+        let mut start = 0;
+        for end in memchr::memchr_iter(b'\n', data) {
+            self.line(&data[start..=end]);
+            start = end + 1;
+        }
+        self.partial.extend_from_slice(&data[start..]);
+    }
+
+    /// A last line without its newline (PostgreSQL always sends one; kept whole if not).
+    fn finish(&mut self) {
+        if !self.partial.is_empty() {
+            let mut line = std::mem::take(&mut self.partial);
+            line.push(b'\n');
+            self.line(&line);
+        }
+    }
+
+    fn line(&mut self, line: &[u8]) {
+        // COPY writes NULL as \N; a real backslash is doubled, so "\N" as text never matches.
+        if line.starts_with(b"\\N\t") || line == b"\\N\n" {
+            self.skipped += 1;
+        } else {
+            self.out.extend_from_slice(line);
+        }
+    }
+}
+
+/// Captures the members of an audience into [`CAPTURE`] on `conn`, with a unique index on the
+/// user id (duplicate ids collapse to the first row stored) and fresh statistics.
+pub async fn capture(conn: &mut PgConnection, reader: Reader) -> Result<Captured, SnapshotError> {
+    let key = reader.key.clone();
+    let db = |e: sqlx::Error| SnapshotError::Db {
+        key: key.clone(),
+        message: db_message(&e),
+    };
+    conn.execute(
+        "DROP TABLE IF EXISTS pg_temp.audience_capture;
+         CREATE TEMP TABLE audience_capture
+             (user_id text COLLATE \"C\" NOT NULL, email text, phone text, name text)",
+    )
+    .await
+    .map_err(db)?;
+    let streamed = reader
+        .copy_into(
+            conn,
+            "COPY pg_temp.audience_capture (user_id, email, phone, name) FROM STDIN",
+        )
+        .await?;
+    let duplicates = unique_user_ids(
+        conn,
+        CAPTURE,
+        "CREATE UNIQUE INDEX audience_capture_user_id ON pg_temp.audience_capture (user_id)",
+    )
+    .await
+    .map_err(db)?;
     // Temporary tables are never analysed by autovacuum; the diff's plan needs statistics.
     conn.execute("ANALYZE pg_temp.audience_capture")
         .await
         .map_err(db)?;
     Ok(Captured {
-        members: (rows - duplicates - skipped) as i64,
-        skipped_rows: skipped as i64,
+        members: (streamed.rows - duplicates) as i64,
+        skipped_rows: streamed.skipped as i64,
     })
 }
 
-async fn create_index(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-    conn.execute(
-        "CREATE UNIQUE INDEX audience_capture_user_id ON pg_temp.audience_capture (user_id)",
-    )
-    .await
-    .map(drop)
+/// Builds `create_index`, a unique index on `table`'s user ids (with, at most, the audience id
+/// before them). If ids repeat, the rows sharing one collapse to the first stored (lowest
+/// ctid: the query's own order, as rows are appended) and the index is built again. Returns
+/// how many rows were removed. The failed build shows in the server's log as an ERROR;
+/// nothing else comes of it.
+pub(crate) async fn unique_user_ids(
+    conn: &mut PgConnection,
+    table: &str,
+    create_index: &str,
+) -> Result<u64, sqlx::Error> {
+    // A savepoint inside the caller's transaction, a transaction of its own otherwise.
+    let mut attempt = conn.begin().await?;
+    match attempt.execute(AssertSqlSafe(create_index)).await {
+        Ok(_) => {
+            attempt.commit().await?;
+            return Ok(0);
+        }
+        Err(e) if is_unique_violation(&e) => attempt.rollback().await?,
+        Err(e) => return Err(e),
+    }
+    let removed = conn
+        .execute(AssertSqlSafe(format!(
+            "DELETE FROM {table} a USING {table} b WHERE a.user_id = b.user_id AND a.ctid > b.ctid"
+        )))
+        .await?
+        .rows_affected();
+    conn.execute(AssertSqlSafe(create_index)).await?;
+    Ok(removed)
 }
 
 fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.code().as_deref() == Some("23505"))
 }
 
-/// The query reduced to the four columns we keep, all as text.
-fn source_select(query: &str, shape: QueryShape) -> String {
+/// The query reduced to the four columns we keep, all as text; empty or blank ids, and ids
+/// too long to index, become NULL (left out and counted by [`Reader::copy_into`]).
+fn cleaned_select(query: &str, shape: QueryShape) -> String {
     let col = |present: bool, name: &str| {
         if present {
             format!("q.{name}::text AS {name}")
@@ -213,9 +321,56 @@ fn source_select(query: &str, shape: QueryShape) -> String {
         }
     };
     format!(
-        "SELECT q.user_id::text AS user_id, {}, {}, {} FROM (\n{query}\n) AS q",
+        "SELECT CASE WHEN btrim(user_id) <> '' AND length(user_id) <= {MAX_USER_ID_LEN}
+                     THEN user_id END AS user_id, email, phone, name
+           FROM (SELECT q.user_id::text AS user_id, {}, {}, {} FROM (\n{query}\n) AS q) AS s",
         col(shape.email, "email"),
         col(shape.phone, "phone"),
         col(shape.name, "name"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Lines;
+
+    fn run(chunks: &[&[u8]]) -> (String, u64) {
+        let mut l = Lines::default();
+        for c in chunks {
+            l.push(c);
+        }
+        l.finish();
+        (String::from_utf8(l.out).unwrap(), l.skipped)
+    }
+
+    #[test]
+    fn rows_with_a_null_id_are_left_out_and_counted() {
+        let (out, skipped) = run(&[
+            b"1\ta@b\t\\N\t\\N\n",
+            b"\\N\tx@y\t\\N\t\\N\n",
+            b"2\t\\N\t\\N\t\\N\n",
+        ]);
+        assert_eq!(out, "1\ta@b\t\\N\t\\N\n2\t\\N\t\\N\t\\N\n");
+        assert_eq!(skipped, 1);
+    }
+
+    #[test]
+    fn an_id_spelled_backslash_n_is_kept() {
+        // The text "\N" is sent as "\\N" (backslash doubled): a value, not NULL.
+        let (out, skipped) = run(&[b"\\\\N\t\\N\t\\N\t\\N\n"]);
+        assert_eq!(out, "\\\\N\t\\N\t\\N\t\\N\n");
+        assert_eq!(skipped, 0);
+    }
+
+    #[test]
+    fn lines_split_across_chunks_are_joined() {
+        let (out, skipped) = run(&[
+            b"12",
+            b"3\ta\tb\tc\n4\t",
+            b"d\te\tf\n\\",
+            b"N\t\\N\t\\N\t\\N\n5\tg\th\ti",
+        ]);
+        assert_eq!(out, "123\ta\tb\tc\n4\td\te\tf\n5\tg\th\ti\n");
+        assert_eq!(skipped, 1);
+    }
 }

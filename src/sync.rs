@@ -99,6 +99,14 @@ impl RunReport {
     pub fn succeeded(&self) -> bool {
         self.status == "succeeded"
     }
+
+    fn captured(&mut self, captured: snapshot::Captured) {
+        self.members = captured.members;
+        self.skipped_rows = captured.skipped_rows;
+        if captured.skipped_rows > 0 {
+            tracing::warn!(audience = %self.audience, skipped_rows = captured.skipped_rows, "rows with an empty, NULL or over-long user_id were skipped");
+        }
+    }
 }
 
 /// A name for this process: host and pid.
@@ -310,8 +318,8 @@ impl Worker {
         }
         tracing::info!(audience = %key, run_id = ?report.run_id, kind = report.kind, dry_run, "run started");
 
-        let captured = snapshot::capture(
-            &mut conn,
+        let reader = snapshot::Reader::open(
+            &self.connect,
             key,
             &audience.def.query,
             audience.def.source_url.as_ref(),
@@ -319,14 +327,13 @@ impl Worker {
         )
         .await
         .map_err(|e| e.to_string())?;
-        report.members = captured.members;
-        report.skipped_rows = captured.skipped_rows;
-        if captured.skipped_rows > 0 {
-            tracing::warn!(audience = %key, skipped_rows = captured.skipped_rows, "rows with an empty, NULL or over-long user_id were skipped");
-        }
         let full = mode == Mode::FullResync;
-
         let Some(run_id) = report.run_id else {
+            // A dry run: capture and preview; nothing is written.
+            let captured = snapshot::capture(&mut conn, reader)
+                .await
+                .map_err(|e| e.to_string())?;
+            report.captured(captured);
             let (counts, sample) = diff::preview(&mut conn, audience.id, full, 3)
                 .await
                 .map_err(|e| db_message(&e))?;
@@ -339,9 +346,23 @@ impl Worker {
             report.status = "succeeded";
             return Ok(true);
         };
-        let counts = diff::write_outbox(&mut conn, audience.id, run_id, full)
+        let first = diff::is_first_sync(&mut conn, audience.id)
             .await
-            .map_err(|e| format!("cannot write the diff to the outbox: {}", db_message(&e)))?;
+            .map_err(|e| db_message(&e))?;
+        let (captured, counts) = if first {
+            diff::first_sync(&mut conn, reader, audience.id, run_id)
+                .await
+                .map_err(|e| e.to_string())?
+        } else {
+            let captured = snapshot::capture(&mut conn, reader)
+                .await
+                .map_err(|e| e.to_string())?;
+            let counts = diff::write_outbox(&mut conn, audience.id, run_id, full)
+                .await
+                .map_err(|e| e.to_string())?;
+            (captured, counts)
+        };
+        report.captured(captured);
         report.added = counts.added;
         report.removed = counts.removed;
         sqlx::query(

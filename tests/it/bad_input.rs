@@ -126,6 +126,12 @@ async fn null_empty_long_and_duplicate_ids_are_skipped_or_collapsed(pool: PgPool
     assert!(r.succeeded(), "{r:?}");
     assert_eq!((r.members, r.skipped_rows, r.sent), (2, 4, 2));
     assert_eq!(synced_users(&pool).await, ["1", "ü🎉"]);
+    // The first of the rows sharing an id is the one kept.
+    let email: String = sqlx::query_scalar("SELECT email FROM synced_members WHERE user_id = '1'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(email, "a@b.c");
 }
 
 #[sqlx::test]

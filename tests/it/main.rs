@@ -10,3 +10,4 @@ mod delivery;
 mod ops;
 mod props;
 mod sync;
+mod upgrade;

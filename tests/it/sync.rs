@@ -172,8 +172,8 @@ async fn a_crash_between_send_and_confirm_loses_nothing_and_keeps_message_ids(po
         .fetch_one(&mut *conn)
         .await
         .unwrap();
-    audience_sync::snapshot::capture(
-        &mut conn,
+    let reader = audience_sync::snapshot::Reader::open(
+        &pool.connect_options(),
         KEY,
         MEMBERS_QUERY,
         None,
@@ -181,6 +181,9 @@ async fn a_crash_between_send_and_confirm_loses_nothing_and_keeps_message_ids(po
     )
     .await
     .unwrap();
+    audience_sync::snapshot::capture(&mut conn, reader)
+        .await
+        .unwrap();
     audience_sync::diff::write_outbox(&mut conn, a.id, run_id, false)
         .await
         .unwrap();
@@ -329,4 +332,94 @@ async fn database_connections_turn_off_nagle(pool: PgPool) {
     let mut b = pooled.acquire().await.unwrap();
     assert_eq!(db::tcp_nodelay(&mut a).await.unwrap(), Some(true));
     assert_eq!(db::tcp_nodelay(&mut b).await.unwrap(), Some(true));
+}
+
+/// Whether `outbox_<id>` exists at all (attached or not).
+async fn partition_table_exists(pool: &PgPool, audience_id: i64) -> bool {
+    sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+        .bind(audience_sync::outbox::partition(audience_id))
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+#[sqlx::test]
+async fn a_first_sync_that_fails_mid_stream_leaves_nothing_and_the_next_one_builds_the_partition(
+    pool: PgPool,
+) {
+    // 20k rows (well over one relay chunk) reach the new partition before the query fails.
+    seed(&pool, 20_001, 20_001).await;
+    let mut a = audience(&pool).await;
+    a.def.query =
+        "SELECT id AS user_id, email FROM shop_users WHERE 1 / (id - 20001) IS NOT NULL".into();
+    let server = wigzo_ok().await;
+    let w = worker(&pool, &server);
+    let r = sync(&w, &a).await;
+    assert!(!r.succeeded());
+    assert!(
+        r.error.as_deref().unwrap().contains("division by zero"),
+        "{r:?}"
+    );
+    assert!(!partition_table_exists(&pool, a.id).await);
+    assert_eq!(scalar(&pool, "SELECT count(*) FROM outbox").await, 0);
+    assert!(server.received_requests().await.unwrap().is_empty());
+
+    a.def.query = "SELECT id AS user_id, email FROM shop_users WHERE id <= 30".into();
+    let r = sync(&w, &a).await;
+    assert!(r.succeeded(), "{r:?}");
+    assert_eq!(
+        (r.kind, r.members, r.added, r.sent),
+        ("initial", 30, 30, 30)
+    );
+    let mut conn = pool.acquire().await.unwrap();
+    assert!(
+        audience_sync::outbox::has_partition(&mut conn, a.id)
+            .await
+            .unwrap()
+    );
+    // The partition carries the table's key, attached to the parent's.
+    let key: String = sqlx::query_scalar(
+        "SELECT pg_get_indexdef(i.indexrelid) FROM pg_index i
+          WHERE i.indrelid = to_regclass($1) AND i.indisprimary",
+    )
+    .bind(audience_sync::outbox::partition(a.id))
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(key.ends_with("(audience_id, user_id)"), "{key}");
+}
+
+#[sqlx::test]
+async fn a_first_sync_attaches_its_partition_while_another_session_reads_the_outbox(pool: PgPool) {
+    seed(&pool, 40, 40).await;
+    let auds = audience_sync::audience::store_definitions(
+        &pool,
+        &[
+            def(
+                "First",
+                "SELECT id AS user_id FROM shop_users WHERE id <= 20",
+            ),
+            def(
+                "Second",
+                "SELECT id AS user_id FROM shop_users WHERE id > 20",
+            ),
+        ],
+    )
+    .await
+    .unwrap();
+    let server = wigzo_ok().await;
+    let w = worker(&pool, &server);
+    assert!(sync(&w, &auds[0]).await.succeeded());
+    // A dashboard's long transaction holds ACCESS SHARE locks on outbox and its partitions.
+    let mut reader = pool.begin().await.unwrap();
+    sqlx::query("SELECT count(*) FROM outbox")
+        .execute(&mut *reader)
+        .await
+        .unwrap();
+    let r = tokio::time::timeout(std::time::Duration::from_secs(30), sync(&w, &auds[1]))
+        .await
+        .expect("the first sync waited for the reader's locks");
+    assert!(r.succeeded(), "{r:?}");
+    assert_eq!((r.kind, r.sent), ("initial", 20));
+    reader.commit().await.unwrap();
 }
