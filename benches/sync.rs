@@ -197,7 +197,9 @@ async fn bench(args: &Args, opts: PgConnectOptions, db_url: &str) -> Result<Valu
     // A first sync: the query's rows stream straight into the audience's new outbox partition.
     let mut conn = db::dedicated(&opts).await?;
     let t = Instant::now();
-    let reader = snapshot::Reader::open(&opts, &a.def.key, QUERY, None, STATEMENT_TIMEOUT).await?;
+    let reader =
+        snapshot::Reader::open(&mut conn, &pool, &a.def.key, QUERY, None, STATEMENT_TIMEOUT)
+            .await?;
     let (captured, counts) = diff::first_sync(&mut conn, reader, a.id, run_id).await?;
     let capture_diff_s = t.elapsed().as_secs_f64();
     conn.close().await?;
@@ -479,7 +481,8 @@ async fn incremental_capture_diff(
     .await?;
     let mut conn = db::dedicated(opts).await?;
     let t = Instant::now();
-    let reader = snapshot::Reader::open(opts, &b.def.key, QUERY, None, STATEMENT_TIMEOUT).await?;
+    let reader =
+        snapshot::Reader::open(&mut conn, pool, &b.def.key, QUERY, None, STATEMENT_TIMEOUT).await?;
     snapshot::capture(&mut conn, reader).await?;
     let capture_s = t.elapsed().as_secs_f64();
     let t = Instant::now();

@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use futures::TryStreamExt;
 use secrecy::SecretString;
-use sqlx::postgres::PgConnectOptions;
+use sqlx::pool::PoolConnection;
 // Audience queries come from the operator's config file, like any other SQL they run.
-use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection};
+use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection, PgPool, Postgres};
 
 use crate::audience::{AudienceError, QueryShape, db_message, inspect_query};
 
@@ -49,23 +49,67 @@ pub struct Streamed {
     pub skipped: u64,
 }
 
-/// An audience query opened for reading: a connection of its own to the database the query
-/// runs on (the worker's, or the audience's `source_url`), inside a read-only transaction with
-/// the statement timeout, so a query that writes is refused by PostgreSQL and one that runs
-/// too long is cancelled.
+/// An audience query opened for reading: a connection apart from the run's (one of the
+/// worker's pool, or a new one to the audience's `source_url`), inside a read-only
+/// transaction with the statement timeout, so a query that writes is refused by PostgreSQL
+/// and one that runs too long is cancelled.
 pub struct Reader {
-    conn: PgConnection,
+    conn: ReaderConn,
     key: String,
     /// The query reduced to (user_id, email, phone, name) as text, unusable ids as NULL.
     select: String,
     timeout: Duration,
+    /// Set once the read-only transaction has ended and the connection can be reused.
+    finished: bool,
+}
+
+enum ReaderConn {
+    /// The worker's own database: a pooled connection (a new one costs a TLS handshake,
+    /// about 90 ms where sqlx has not yet set TCP_NODELAY; see `db::set_nodelay`).
+    Pooled(PoolConnection<Postgres>),
+    /// A `source_url` database.
+    Source(PgConnection),
+}
+
+impl std::ops::Deref for ReaderConn {
+    type Target = PgConnection;
+    fn deref(&self) -> &PgConnection {
+        match self {
+            ReaderConn::Pooled(c) => c,
+            ReaderConn::Source(c) => c,
+        }
+    }
+}
+
+impl std::ops::DerefMut for ReaderConn {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        match self {
+            ReaderConn::Pooled(c) => c,
+            ReaderConn::Source(c) => c,
+        }
+    }
+}
+
+impl Drop for Reader {
+    /// A reader dropped before its query finished (an error, or never used) may leave its
+    /// connection inside the read-only transaction or a COPY: it never goes back to the pool.
+    fn drop(&mut self) {
+        if let ReaderConn::Pooled(c) = &mut self.conn
+            && !self.finished
+        {
+            c.close_on_drop();
+        }
+    }
 }
 
 impl Reader {
-    /// Connects (to `source`, else to `home`), checks the query's columns, and opens the
-    /// read-only transaction.
+    /// Takes a connection (to `source`, else from `home`), checks the query's columns, and
+    /// opens the read-only transaction. The columns of a query on the worker's database are
+    /// checked on `run_conn`, the run's own new connection: sqlx caches what it prepares, and
+    /// a pooled connection could answer from before the query's tables changed.
     pub async fn open(
-        home: &PgConnectOptions,
+        run_conn: &mut PgConnection,
+        home: &PgPool,
         key: &str,
         query: &str,
         source: Option<&SecretString>,
@@ -75,26 +119,30 @@ impl Reader {
             key: key.to_string(),
             message,
         };
-        let mut conn = match source {
+        let (conn, shape) = match source {
             Some(url) => {
                 let opts = crate::db::options(url).map_err(|e| source_err(e.to_string()))?;
-                crate::db::dedicated(&opts)
+                let mut conn = crate::db::dedicated(&opts)
                     .await
-                    .map_err(|e| source_err(e.to_string()))?
+                    .map_err(|e| source_err(e.to_string()))?;
+                let shape = inspect_query(&mut conn, key, query).await?;
+                (ReaderConn::Source(conn), shape)
             }
-            None => crate::db::dedicated(home)
-                .await
-                .map_err(|e| SnapshotError::Db {
+            None => {
+                let shape = inspect_query(run_conn, key, query).await?;
+                let conn = home.acquire().await.map_err(|e| SnapshotError::Db {
                     key: key.to_string(),
-                    message: e.to_string(),
-                })?,
+                    message: db_message(&e),
+                })?;
+                (ReaderConn::Pooled(conn), shape)
+            }
         };
-        let shape = inspect_query(&mut conn, key, query).await?;
         let mut reader = Reader {
             conn,
             key: key.to_string(),
             select: cleaned_select(query, shape),
             timeout,
+            finished: false,
         };
         let timeout_ms = timeout.as_millis().min(i32::MAX as u128);
         reader
@@ -174,8 +222,9 @@ impl Reader {
                 .map_err(db)?;
         }
         let rows = sink.finish().await.map_err(db)?;
-        // The read-only transaction ends with the reader's session.
-        let _ = self.conn.close().await;
+        // Ends the read-only transaction; a pooled connection then goes back to the pool.
+        self.conn.execute("COMMIT").await.map_err(db)?;
+        self.finished = true;
         Ok(Streamed {
             rows,
             skipped: lines.skipped,

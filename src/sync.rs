@@ -319,7 +319,8 @@ impl Worker {
         tracing::info!(audience = %key, run_id = ?report.run_id, kind = report.kind, dry_run, "run started");
 
         let reader = snapshot::Reader::open(
-            &self.connect,
+            &mut conn,
+            &self.pool,
             key,
             &audience.def.query,
             audience.def.source_url.as_ref(),

@@ -368,3 +368,56 @@ async fn unusual_characters_reach_wigzo_unchanged(pool: PgPool) {
         );
     }
 }
+
+/// A query's reader borrows a connection of the worker's pool: whatever becomes of the query,
+/// the pool never gets it back inside the reader's read-only transaction.
+#[sqlx::test]
+async fn a_failed_or_unused_reader_leaves_the_pool_writable(pool: PgPool) {
+    use audience_sync::snapshot::{Reader, capture};
+    seed(&pool, 20_001, 20_001).await;
+    // One connection, so every reader below takes the same one.
+    let one = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with((*pool.connect_options()).clone())
+        .await
+        .unwrap();
+    let mut run_conn = pool.acquire().await.unwrap();
+    let timeout = std::time::Duration::from_secs(5);
+    sqlx::query("CREATE TABLE scratch (x int)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let writable = || async {
+        sqlx::query("INSERT INTO scratch VALUES (1)")
+            .execute(&one)
+            .await
+            .map(|_| ())
+    };
+    // Fails after 20k rows have streamed.
+    let failing = "SELECT id AS user_id FROM shop_users WHERE 1 / (id - 20001) IS NOT NULL";
+    let r = Reader::open(&mut run_conn, &one, "q", failing, None, timeout)
+        .await
+        .unwrap();
+    let mut writer = pool.acquire().await.unwrap();
+    let e = capture(&mut writer, r).await.unwrap_err();
+    assert!(e.to_string().contains("division by zero"), "{e}");
+    writable()
+        .await
+        .expect("the pool got the failed reader's connection back");
+    let all = "SELECT id AS user_id FROM shop_users";
+    drop(
+        Reader::open(&mut run_conn, &one, "q", all, None, timeout)
+            .await
+            .unwrap(),
+    );
+    writable()
+        .await
+        .expect("the pool got an unused reader's connection back");
+    let ok = Reader::open(&mut run_conn, &one, "q", all, None, timeout)
+        .await
+        .unwrap();
+    assert_eq!(capture(&mut writer, ok).await.unwrap().members, 20_001);
+    writable()
+        .await
+        .expect("a finished reader's connection came back read-only");
+}

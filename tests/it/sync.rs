@@ -173,7 +173,8 @@ async fn a_crash_between_send_and_confirm_loses_nothing_and_keeps_message_ids(po
         .await
         .unwrap();
     let reader = audience_sync::snapshot::Reader::open(
-        &pool.connect_options(),
+        &mut conn,
+        &pool,
         KEY,
         MEMBERS_QUERY,
         None,
