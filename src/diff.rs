@@ -158,14 +158,9 @@ async fn refresh_statistics(
     audience_id: i64,
     written: u64,
 ) -> Result<(), sqlx::Error> {
-    use sqlx::Executor;
     if written >= ANALYZE_AFTER {
         // The audience's partition only: ANALYZE of `outbox` would sample every audience's.
-        conn.execute(AssertSqlSafe(format!(
-            "ANALYZE {}",
-            outbox::partition(audience_id)
-        )))
-        .await?;
+        crate::snapshot::analyze_roughly(conn, &outbox::partition(audience_id)).await?;
     }
     Ok(())
 }

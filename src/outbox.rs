@@ -109,17 +109,17 @@ impl NewPartition {
             &format!("CREATE UNIQUE INDEX {table}_pkey ON {table} (audience_id, user_id)"),
         )
         .await?;
-        // Claims and confirmations need only a rough picture of the table (autovacuum
-        // refines it later): a tenth of the default sample is a tenth of the time.
         conn.execute(AssertSqlSafe(format!(
             "ALTER TABLE {table} ADD CONSTRAINT {table}_pkey PRIMARY KEY USING INDEX {table}_pkey,
                  ALTER audience_id DROP DEFAULT, ALTER member DROP DEFAULT,
                  ALTER target_version DROP DEFAULT, ALTER run_id DROP DEFAULT;
-             CREATE INDEX {table}_not_pending ON {table} (audience_id) WHERE status <> 'pending';
-             SET LOCAL default_statistics_target = 10;
-             ANALYZE {table};
-             RESET default_statistics_target;
-             ALTER TABLE outbox ATTACH PARTITION {table} FOR VALUES IN ({audience_id})"
+             CREATE INDEX {table}_not_pending ON {table} (audience_id) WHERE status <> 'pending'"
+        )))
+        .await?;
+        // Autovacuum refines the partition's statistics as its changes are confirmed.
+        crate::snapshot::analyze_roughly(conn, &table).await?;
+        conn.execute(AssertSqlSafe(format!(
+            "ALTER TABLE outbox ATTACH PARTITION {table} FOR VALUES IN ({audience_id})"
         )))
         .await?;
         Ok(duplicates)

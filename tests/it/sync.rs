@@ -378,16 +378,23 @@ async fn a_first_sync_that_fails_mid_stream_leaves_nothing_and_the_next_one_buil
             .await
             .unwrap()
     );
-    // The partition carries the table's key, attached to the parent's.
-    let key: String = sqlx::query_scalar(
-        "SELECT pg_get_indexdef(i.indexrelid) FROM pg_index i
-          WHERE i.indrelid = to_regclass($1) AND i.indisprimary",
+    // The partition's two indexes are the ones it was built with, attached to the parent's
+    // (had they not matched, ATTACH would have built another copy of each).
+    let indexes: Vec<(String, Option<String>)> = sqlx::query_as(
+        "SELECT pg_get_indexdef(i.indexrelid), p.inhparent::regclass::text
+           FROM pg_index i LEFT JOIN pg_inherits p ON p.inhrelid = i.indexrelid
+          WHERE i.indrelid = to_regclass($1) ORDER BY 1",
     )
     .bind(audience_sync::outbox::partition(a.id))
-    .fetch_one(&pool)
+    .fetch_all(&pool)
     .await
     .unwrap();
-    assert!(key.ends_with("(audience_id, user_id)"), "{key}");
+    let parents: Vec<Option<&str>> = indexes.iter().map(|(_, p)| p.as_deref()).collect();
+    assert_eq!(
+        parents,
+        [Some("outbox_not_pending"), Some("outbox_pkey")],
+        "{indexes:?}"
+    );
 }
 
 #[sqlx::test]
