@@ -1,6 +1,6 @@
 //! Snapshot capture: runs an audience's query in a read-only transaction with a statement
-//! timeout, on a connection of its own, and streams its rows (ids cleaned) with COPY into a
-//! table on the run's connection: the capture table, or a first sync's outbox partition.
+//! timeout, on a connection apart from the run's, and streams its rows (ids cleaned) with COPY
+//! into a table on the run's connection: the capture table, or a first sync's outbox partition.
 
 use std::time::Duration;
 
