@@ -76,6 +76,48 @@ pub fn validate_key(key: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Keys the identify call already uses as a trait or a user field, or that Wigzo's own user
+/// profile has: an audience flag under one of them would overwrite a contact field (or be
+/// overwritten by it).
+pub const RESERVED_KEYS: &[&str] = &[
+    "anonymous_id",
+    "computation_class",
+    "computation_id",
+    "computation_key",
+    "context",
+    "email",
+    "first_name",
+    "full_name",
+    "fullname",
+    "id",
+    "is_active",
+    "last_name",
+    "library",
+    "message_id",
+    "messageid",
+    "mobile",
+    "name",
+    "org_token",
+    "personas",
+    "phone",
+    "source",
+    "timestamp",
+    "traits",
+    "type",
+    "user_id",
+    "userid",
+];
+
+/// Refuses a key the identify call or Wigzo's user profile already uses, suggesting another.
+pub fn check_not_reserved(key: &str) -> Result<(), String> {
+    if RESERVED_KEYS.contains(&key) {
+        return Err(format!(
+            "key {key:?} is reserved: the identify call already sends it as a user trait or field, and the audience's flag would overwrite it; give the audience an explicit key, e.g. key = \"{key}_audience\""
+        ));
+    }
+    Ok(())
+}
+
 /// Parses a cron expression in UTC. Accepts the 6- or 7-field form of the `cron` crate
 /// (seconds first) and the classic 5-field form (minute first).
 pub fn parse_schedule(expr: &str) -> Result<cron::Schedule, String> {

@@ -52,6 +52,10 @@ pub enum Command {
     Sync(SyncArgs),
     /// Full resync of one audience: every member again, and `false` for those who left.
     Resync(ResyncArgs),
+    /// Send the changes Wigzo rejected (4xx) again: makes them pending and syncs the audience
+    /// now. Rejected changes are otherwise held until the user's value changes or a full
+    /// resync.
+    Retry(RetryArgs),
     /// One line per audience: members, last run, pending and failed changes.
     Status,
     /// Recent runs with their counts.
@@ -88,6 +92,12 @@ pub struct ResyncArgs {
     pub audience: String,
     #[arg(long)]
     pub dry_run: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RetryArgs {
+    #[arg(long = "audience", value_name = "KEY")]
+    pub audience: String,
 }
 
 #[derive(Debug, Args)]
@@ -220,6 +230,26 @@ pub async fn run(cli: Cli) -> Result<i32> {
             }
             let worker = worker(&cfg, pool)?;
             let reports = run_all(&worker, &chosen, Mode::Sync, args.dry_run).await;
+            print_reports(&cli, &reports);
+            Ok(exit_code(&reports))
+        }
+        Command::Retry(args) => {
+            let cfg = load_config(&cli, &env)?;
+            cfg.audience(&args.audience)?;
+            let (pool, stored) = prepare(&cfg).await?;
+            let a = stored
+                .iter()
+                .find(|a| a.def.key == args.audience)
+                .expect("validated above");
+            let requeued = crate::outbox::requeue_rejected(&pool, a.id, &[])
+                .await
+                .context("cannot queue the rejected changes again")?;
+            tracing::info!(audience = %a.def.key, requeued, "rejected changes queued again");
+            if !cli.json {
+                println!("{}: {requeued} rejected changes queued again", a.def.key);
+            }
+            let worker = worker(&cfg, pool)?;
+            let reports = run_all(&worker, &[a], Mode::Sync, false).await;
             print_reports(&cli, &reports);
             Ok(exit_code(&reports))
         }

@@ -11,6 +11,8 @@ use crate::audience::{AudienceDef, derive_key, validate_key};
 
 /// Default Wigzo host.
 pub const DEFAULT_BASE_URL: &str = "https://app.wigzo.com";
+/// Shortest `[ops] trigger_token` accepted: it guards run triggers on the ops port.
+pub const MIN_TRIGGER_TOKEN_LEN: usize = 16;
 /// Default schedule: every three hours, on the hour (UTC).
 pub const DEFAULT_SCHEDULE: &str = "0 0 */3 * * *";
 
@@ -73,6 +75,7 @@ struct RawWigzo {
     retry_base_ms: Option<u64>,
     retry_max_ms: Option<u64>,
     batch_size: Option<i64>,
+    lease_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -135,6 +138,9 @@ pub struct WigzoConfig {
     pub retry_max: Duration,
     /// Changes claimed from the outbox at once.
     pub batch_size: i64,
+    /// How long a claim keeps other workers off a change; renewed while the change is being
+    /// worked on, so it only matters when a worker dies holding it.
+    pub lease: Duration,
 }
 
 impl WigzoConfig {
@@ -150,6 +156,7 @@ impl WigzoConfig {
             retry_base: Duration::from_millis(500),
             retry_max: Duration::from_secs(60),
             batch_size: 500,
+            lease: Duration::from_secs(900),
         }
     }
 }
@@ -185,29 +192,139 @@ impl Default for DaemonConfig {
     }
 }
 
-/// Settings whose values are secrets (tokens, URLs that may hold passwords).
-const SECRET_SETTINGS: &[&str] = &["org_token", "trigger_token", "url", "source_url"];
-
-/// Parse errors quote the offending line and sometimes the value; blank out the values of
-/// secret settings wherever they appear in `message`.
-fn redact_secrets(text: &str, message: &str) -> String {
-    let mut out = message.to_string();
-    for line in text.lines() {
-        let Some((name, value)) = line.split_once('=') else {
-            continue;
-        };
-        if !SECRET_SETTINGS.contains(&name.trim().trim_matches('"')) {
-            continue;
+/// A TOML error as "line L, column C (in [table], key `k`): problem". The source line is never
+/// quoted, double-quoted values in the problem are elided, and every value the file holds is
+/// blanked out of what remains: the offending value may be a secret under a misspelt key, in an
+/// inline table, or anywhere else.
+fn describe_parse_error(text: &str, e: &toml::de::Error) -> String {
+    let mut out = String::new();
+    if let Some(span) = e.span() {
+        let mut at = span.start.min(text.len());
+        while !text.is_char_boundary(at) {
+            at -= 1;
         }
-        let value = value.split(" #").next().unwrap_or(value).trim();
-        let bare = value.trim_matches(|c| c == '"' || c == '\'');
-        for v in [value, bare] {
-            if v.len() >= 3 {
-                out = out.replace(v, "[redacted]");
+        let before = &text[..at];
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        let line = before.matches('\n').count() + 1;
+        let column = before[line_start..].chars().count() + 1;
+        out.push_str(&format!("line {line}, column {column}"));
+        if let Some(table) = enclosing_table(before) {
+            out.push_str(&format!(" in [{table}]"));
+        }
+        if let Some(key) = key_at(&text[line_start..], at - line_start) {
+            out.push_str(&format!(", key `{key}`"));
+        }
+        out.push_str(": ");
+    }
+    out.push_str(&scrub(e.message(), text));
+    out
+}
+
+/// The last `[table]` or `[[table]]` header before the error, if it is a plain one.
+fn enclosing_table(before: &str) -> Option<&str> {
+    before.lines().rev().find_map(|l| {
+        let l = l.trim();
+        let name = l.strip_prefix('[')?.trim_start_matches('[');
+        let name = name.split(']').next()?.trim();
+        name.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
+            .then_some(name)
+    })
+}
+
+/// The bare key the error points into or after on its line (`key = value`), if any.
+fn key_at(line: &str, at: usize) -> Option<&str> {
+    let line = line.split('\n').next().unwrap_or_default();
+    let is_key = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.';
+    let before = &line[..at.min(line.len())];
+    let candidate = match before.rfind('=') {
+        // The error is in a value: its key is the bare word before the last '='.
+        Some(eq) => {
+            let k = before[..eq].trim_end();
+            let tail: usize = k
+                .chars()
+                .rev()
+                .take_while(|c| is_key(*c))
+                .map(char::len_utf8)
+                .sum();
+            &k[k.len() - tail..]
+        }
+        // The error is at a key: the bare word there, if an '=' follows it.
+        None => {
+            let rest = &line[before.len()..];
+            let end = rest.find(|c: char| !is_key(c)).unwrap_or(rest.len());
+            if !rest[end..].trim_start().starts_with('=') {
+                return None;
             }
+            &rest[..end]
+        }
+    };
+    (!candidate.is_empty()).then_some(candidate)
+}
+
+/// `message` with double-quoted parts elided and every value of `text` blanked out.
+fn scrub(message: &str, text: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut quoted = false;
+    for c in message.chars() {
+        match (c, quoted) {
+            ('"', false) => {
+                quoted = true;
+                out.push_str("\"…");
+            }
+            ('"', true) => {
+                quoted = false;
+                out.push('"');
+            }
+            (_, true) => {}
+            (c, false) => out.push(c),
+        }
+    }
+    if quoted {
+        out.push('"');
+    }
+    let mut values = values_of(text);
+    // Longest first, so a value that contains another is blanked whole.
+    values.sort_by_key(|v| std::cmp::Reverse(v.len()));
+    for v in values {
+        if v.chars().count() >= 3 && out.contains(v) {
+            out = out.replace(v, "[redacted]");
         }
     }
     out
+}
+
+/// Every string literal's contents, and every bare value after an '=', in a TOML text that
+/// may not parse.
+fn values_of(text: &str) -> Vec<&str> {
+    let mut values = Vec::new();
+    let mut chars = text.char_indices();
+    while let Some((i, c)) = chars.next() {
+        match c {
+            '"' | '\'' => {
+                let start = i + 1;
+                let mut end = text.len();
+                let mut escaped = false;
+                for (j, d) in chars.by_ref() {
+                    if d == '\n' || (d == c && !escaped) {
+                        end = j;
+                        break;
+                    }
+                    escaped = c == '"' && d == '\\' && !escaped;
+                }
+                values.push(&text[start..end]);
+            }
+            '=' => {
+                let rest = &text[i + 1..];
+                let end = rest
+                    .find(['\n', ',', '}', ']', '#', '"', '\''])
+                    .unwrap_or(rest.len());
+                values.push(rest[..end].trim());
+            }
+            _ => {}
+        }
+    }
+    values
 }
 
 /// Where the config file comes from: `--config`, else `$AUDIENCE_SYNC_CONFIG`, else
@@ -261,7 +378,7 @@ impl Config {
     pub fn parse(text: &str, path: &Path, env: &EnvOverrides) -> Result<Self, ConfigError> {
         let raw: RawFile = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
-            message: redact_secrets(text, e.to_string().trim_end()),
+            message: describe_parse_error(text, &e),
         })?;
         let setting = |setting: &str, reason: &str| ConfigError::Setting {
             setting: setting.to_string(),
@@ -298,8 +415,9 @@ impl Config {
             .clone()
             .or(w.base_url)
             .unwrap_or_else(|| DEFAULT_BASE_URL.to_string());
+        // The value is not quoted back: a token pasted into the wrong setting must not show.
         let parsed = reqwest::Url::parse(&base_url)
-            .map_err(|e| setting("wigzo.base_url", &format!("{base_url:?} is not a URL: {e}")))?;
+            .map_err(|e| setting("wigzo.base_url", &format!("is not a URL ({e})")))?;
         if !matches!(parsed.scheme(), "http" | "https") || parsed.query().is_some() {
             return Err(setting(
                 "wigzo.base_url",
@@ -333,6 +451,10 @@ impl Config {
                 .map(Duration::from_millis)
                 .unwrap_or(defaults.retry_max),
             batch_size: w.batch_size.unwrap_or(defaults.batch_size),
+            lease: w
+                .lease_secs
+                .map(Duration::from_secs)
+                .unwrap_or(defaults.lease),
         };
         if wigzo.concurrency == 0 || wigzo.concurrency > 1024 {
             return Err(setting("wigzo.concurrency", "must be between 1 and 1024"));
@@ -346,11 +468,29 @@ impl Config {
         if !(1..=100_000).contains(&wigzo.batch_size) {
             return Err(setting("wigzo.batch_size", "must be between 1 and 100000"));
         }
+        if !(Duration::from_secs(1)..=Duration::from_secs(86_400)).contains(&wigzo.lease) {
+            return Err(setting("wigzo.lease_secs", "must be between 1 and 86400"));
+        }
 
         let ops = OpsConfig {
             listen: raw.ops.listen.unwrap_or_else(|| "127.0.0.1:9187".into()),
             trigger_token: raw.ops.trigger_token,
         };
+        if let Some(token) = &ops.trigger_token {
+            let token = token.expose_secret();
+            if token.trim().is_empty() {
+                return Err(setting(
+                    "ops.trigger_token",
+                    "is empty; remove the setting to keep run triggers off, or set a random token of at least 16 characters",
+                ));
+            }
+            if token.chars().count() < MIN_TRIGGER_TOKEN_LEN {
+                return Err(setting(
+                    "ops.trigger_token",
+                    "is shorter than 16 characters; use a random one, e.g. from `openssl rand -hex 24`",
+                ));
+            }
+        }
 
         let dd = DaemonConfig::default();
         let daemon = DaemonConfig {
@@ -401,7 +541,7 @@ impl Config {
             }
             let key = match &a.key {
                 Some(k) => {
-                    validate_key(k).map_err(|r| err(format!("key {k:?} is not valid: {r}")))?;
+                    validate_key(k).map_err(|r| err(format!("key is not valid: it {r}")))?;
                     k.clone()
                 }
                 None => derive_key(&a.name).map_err(|r| {
@@ -410,10 +550,13 @@ impl Config {
                     ))
                 })?,
             };
+            crate::audience::check_not_reserved(&key).map_err(err)?;
             let schedule = a.schedule.unwrap_or_else(|| DEFAULT_SCHEDULE.to_string());
-            crate::audience::parse_schedule(&schedule).map_err(|e| {
+            // Neither the value nor the parser's message (which quotes it) is echoed: a value
+            // under the wrong setting can be a secret.
+            crate::audience::parse_schedule(&schedule).map_err(|_| {
                 err(format!(
-                    "schedule {schedule:?} is not a valid cron expression: {e}"
+                    "schedule is not a valid cron expression: use 6 fields (seconds first, e.g. {DEFAULT_SCHEDULE:?}) or the classic 5"
                 ))
             })?;
             let query = a.query.trim().trim_end_matches(';').trim().to_string();
@@ -555,6 +698,68 @@ mod tests {
                 "config {text:?}: error {err:?} lacks {want:?}"
             );
         }
+    }
+
+    #[test]
+    fn parse_errors_name_the_place_and_never_quote_the_line() {
+        let text = "[wigzo]\norg_tokn = \"SECRET-1\"\n";
+        let err = parse(text).unwrap_err().to_string();
+        assert!(
+            err.contains("line 2, column 1 in [wigzo], key `org_tokn`: unknown field `org_tokn`"),
+            "{err}"
+        );
+        let text = "wigzo = { org_token = \"SECRET-2\", concurrency = \"x\" }\n";
+        let err = parse(text).unwrap_err().to_string();
+        assert!(
+            err.contains("line 1, column ") && err.contains("key `concurrency`"),
+            "{err}"
+        );
+        assert!(err.contains("invalid type: string \"…\""), "{err}");
+        for text in [
+            "[wigzo]\norg_tokn = \"SECRET-1\"\n",
+            "wigzo = { org_token = \"SECRET-1\", concurrency = \"x\" }\n",
+            "wigzo.org_tokn = \"SECRET-1\"\n",
+            "[wigzo]\nconcurrency = \"SECRET-1\"\n",
+            "[wigzo]\norg_token = SECRET-1\n",
+            "[wigzo]\nbase_url = \"SECRET-1\"\n",
+            "[[audience]]\nname = \"A\"\nquery = \"SELECT 1 AS user_id\"\nschedule = \"SECRET-1\"\n",
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(!err.contains("SECRET"), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn trigger_tokens_must_be_set_and_long() {
+        for token in ["", "   ", "short-s3cret"] {
+            let text = format!("[ops]\ntrigger_token = \"{token}\"\n");
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains("ops.trigger_token"), "{err}");
+            assert!(token.trim().is_empty() || !err.contains(token), "{err}");
+        }
+        let cfg = parse("[ops]\ntrigger_token = \"0123456789abcdef\"\n").unwrap();
+        assert!(cfg.ops.trigger_token.is_some());
+    }
+
+    #[test]
+    fn keys_the_identify_call_uses_are_refused_with_a_suggestion() {
+        for (name, key) in [
+            ("Email", "email"),
+            ("Phone", "phone"),
+            ("User ID", "user_id"),
+        ] {
+            let text = format!("[[audience]]\nname = \"{name}\"\nquery = \"q\"\n");
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("key \"{key}\" is reserved"))
+                    && err.contains(&format!("key = \"{key}_audience\"")),
+                "{err}"
+            );
+        }
+        let text = "[[audience]]\nname = \"Email\"\nkey = \"email\"\nquery = \"q\"\n";
+        assert!(parse(text).unwrap_err().to_string().contains("reserved"));
+        let text = "[[audience]]\nname = \"Email\"\nkey = \"email_openers\"\nquery = \"q\"\n";
+        assert_eq!(parse(text).unwrap().audiences[0].key, "email_openers");
     }
 
     #[test]

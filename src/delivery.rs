@@ -71,6 +71,55 @@ where
     }
 }
 
+/// Why delivery stopped the whole run instead of going on change by change: the destination
+/// answered in a way that says the configuration is wrong, so every further call would be
+/// wasted (and nothing it answered confirms anything).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Halt {
+    /// 401/403: the organization token was refused.
+    TokenRefused { status: u16 },
+    /// 3xx: `base_url` points at something that redirects; redirects are never followed.
+    Redirected {
+        status: u16,
+        location_host: Option<String>,
+    },
+    /// The first [`ENDPOINT_PROBE`] answers were all 404/405/410 and none 2xx: wrong host or
+    /// path, not a problem of any one user.
+    WrongEndpoint { status: u16 },
+}
+
+impl std::fmt::Display for Halt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Halt::TokenRefused { status } => write!(
+                f,
+                "Wigzo refused the organization token (HTTP {status}); check WIGZO_ORG_TOKEN / [wigzo] org_token"
+            ),
+            Halt::Redirected {
+                status,
+                location_host,
+            } => write!(
+                f,
+                "the identify call was answered with a redirect (HTTP {status}{}), which is never followed; check WIGZO_BASE_URL / [wigzo] base_url",
+                location_host
+                    .as_deref()
+                    .map(|h| format!(" to host {h}"))
+                    .unwrap_or_default()
+            ),
+            Halt::WrongEndpoint { status } => write!(
+                f,
+                "the first {ENDPOINT_PROBE} identify calls were all answered HTTP 404/405/410 (last: {status}) and none 2xx: the endpoint looks wrong; check WIGZO_BASE_URL / [wigzo] base_url"
+            ),
+        }
+    }
+}
+
+/// Answers looked at to tell a wrong endpoint from users Wigzo rejects one by one.
+pub const ENDPOINT_PROBE: u32 = 20;
+
+/// Statuses that, when every one of the first answers has one, mean the endpoint is wrong.
+const WRONG_ENDPOINT: [u16; 3] = [404, 405, 410];
+
 /// What a delivery pass did.
 #[derive(Debug, Clone, Default)]
 pub struct DeliveryReport {
@@ -80,8 +129,8 @@ pub struct DeliveryReport {
     pub rejected: u64,
     /// HTTP retries made (429s included).
     pub retried: u64,
-    /// Set when Wigzo refused the organization token (401/403).
-    pub unauthorized: Option<u16>,
+    /// Set when an answer stopped the run (token refused, redirect, wrong endpoint).
+    pub halted: Option<Halt>,
     /// The last error seen on a change that was not confirmed.
     pub last_error: Option<String>,
     pub cancelled: bool,
@@ -97,9 +146,35 @@ pub struct Target {
     pub progress: indicatif::ProgressBar,
 }
 
-enum Result1 {
+/// How one change's sending ended.
+enum SendResult {
     Confirmed(Confirmed),
-    NotConfirmed(NotConfirmed, bool),
+    NotConfirmed {
+        change: NotConfirmed,
+        /// Whether it counts as a failure of this run (rejected or out of retries), rather
+        /// than left pending because the run stopped.
+        failure: bool,
+    },
+}
+
+/// The run's first answers, watched for a wrong endpoint.
+#[derive(Debug, Default)]
+struct EndpointCheck {
+    answers: u32,
+    any_other: bool,
+}
+
+impl EndpointCheck {
+    /// Counts one HTTP answer; returns true when it completes a probe of nothing but
+    /// 404/405/410.
+    fn answer(&mut self, status: u16) -> bool {
+        if self.answers >= ENDPOINT_PROBE {
+            return false;
+        }
+        self.answers += 1;
+        self.any_other |= !WRONG_ENDPOINT.contains(&status);
+        self.answers == ENDPOINT_PROBE && !self.any_other
+    }
 }
 
 /// Delivers every pending change of one audience. Returns when none is left to claim, or when
@@ -121,79 +196,42 @@ pub async fn deliver(
         (cfg.batch_size as usize * 2).max(cfg.concurrency),
     ));
     let not_before = Arc::new(Mutex::new(Instant::now()));
-    let (res_tx, mut res_rx) = mpsc::channel::<Result1>(RECORD_BATCH * 2);
-
-    // Recorder: writes results in batches while calls go on.
-    let rec_pool = pool.clone();
-    let rec_owner = owner.to_string();
-    let rec_progress = target.progress.clone();
-    let rec_stop = stop.clone();
-    let rec_audience = target.audience_id;
-    let recorder = tokio::spawn(async move {
-        let mut report = DeliveryReport::default();
-        let mut buf = Vec::with_capacity(RECORD_BATCH);
-        loop {
-            let n = res_rx.recv_many(&mut buf, RECORD_BATCH).await;
-            if n == 0 {
-                break;
-            }
-            let mut ok = Vec::new();
-            let mut bad = Vec::new();
-            for r in buf.drain(..) {
-                match r {
-                    Result1::Confirmed(c) => {
-                        report.retried += c.extra_attempts as u64;
-                        ok.push(c)
-                    }
-                    Result1::NotConfirmed(nc, counts) => {
-                        report.retried += nc.extra_attempts as u64;
-                        if counts {
-                            report.failed += 1;
-                            if nc.status == "rejected" {
-                                report.rejected += 1;
-                            }
-                        }
-                        if nc.error.is_some() {
-                            report.last_error.clone_from(&nc.error);
-                        }
-                        bad.push(nc)
-                    }
-                }
-            }
-            let recorded = async {
-                report.sent += retry_write("confirming changes", || {
-                    outbox::confirm(&rec_pool, rec_audience, &rec_owner, &ok)
-                })
-                .await?;
-                retry_write("recording failed changes", || {
-                    outbox::record_failures(&rec_pool, rec_audience, &rec_owner, &bad)
-                })
-                .await
-            }
-            .await;
-            if let Err(e) = recorded {
-                // Results can no longer be written: stop sending rather than deliver blind
-                // (every unrecorded call would be sent again by the next run).
-                rec_stop.cancel();
-                return Err(e);
-            }
-            rec_progress.inc((ok.len() + bad.len()) as u64);
-        }
-        Ok::<_, sqlx::Error>(report)
-    });
+    let (res_tx, res_rx) = mpsc::channel::<SendResult>(RECORD_BATCH * 2);
+    let recorder = tokio::spawn(record_results(
+        pool.clone(),
+        target.clone(),
+        owner.to_string(),
+        stop.clone(),
+        res_rx,
+    ));
+    let renewer = tokio::spawn(renew_leases(
+        pool.clone(),
+        target.clone(),
+        owner.to_string(),
+        cfg.lease,
+    ));
 
     let mut tasks = tokio::task::JoinSet::new();
-    let unauthorized = Arc::new(std::sync::Mutex::new(None::<u16>));
+    let halted = Arc::new(std::sync::Mutex::new(None::<Halt>));
+    let endpoint = Arc::new(std::sync::Mutex::new(EndpointCheck::default()));
     let mut progress = Instant::now();
     let mut claimed_total = 0u64;
     let claim_result: Result<(), sqlx::Error> = async {
         // One pass in user id order, then one more from the start for anything skipped
-        // (rows whose lease, held by a process that died, expired meanwhile).
+        // (rows whose lease, held by a process that died, expired meanwhile). This run's own
+        // claims never expire while it works on them: `renew_leases` keeps them fresh.
         let mut after = String::new();
         let mut second_pass = false;
         while !stop.is_cancelled() {
-            let claimed =
-                outbox::claim(pool, target.audience_id, owner, &after, cfg.batch_size).await?;
+            let claimed = outbox::claim(
+                pool,
+                target.audience_id,
+                owner,
+                &after,
+                cfg.batch_size,
+                cfg.lease,
+            )
+            .await?;
             let Some(last) = claimed.last else {
                 if second_pass || after.is_empty() {
                     break;
@@ -219,7 +257,8 @@ pub async fn deliver(
                     max_attempts: cfg.max_attempts,
                     retry_base: cfg.retry_base,
                     retry_max: cfg.retry_max,
-                    unauthorized: unauthorized.clone(),
+                    halted: halted.clone(),
+                    endpoint: endpoint.clone(),
                 };
                 let tx = res_tx.clone();
                 let target = target.clone();
@@ -246,6 +285,18 @@ pub async fn deliver(
     while tasks.join_next().await.is_some() {}
     drop(res_tx);
     let recorded = recorder.await.expect("recorder task panicked");
+    renewer.abort();
+    let halted = halted.lock().expect("lock").clone();
+    let mut report = recorded?;
+    if let Some(Halt::WrongEndpoint { .. }) = &halted {
+        // The 404s before the verdict were the endpoint's, not the users': owed again.
+        let reset = retry_write("re-queueing changes answered by a wrong endpoint", || {
+            outbox::requeue_rejected(pool, target.audience_id, &WRONG_ENDPOINT)
+        })
+        .await?;
+        report.failed = report.failed.saturating_sub(reset);
+        report.rejected = report.rejected.saturating_sub(reset);
+    }
     // Whatever happened, hand back the changes still leased (the next run's diff would
     // otherwise have to reset them).
     if let Err(e) = retry_write("releasing leases", || {
@@ -255,11 +306,85 @@ pub async fn deliver(
     {
         tracing::warn!(audience = %target.key, error = %crate::audience::db_message(&e), "cannot release leases; the next run of this audience resets them");
     }
-    let mut report = recorded?;
     claim_result?;
-    report.unauthorized = *unauthorized.lock().expect("lock");
+    report.halted = halted;
     report.cancelled = cancel.is_cancelled();
     Ok(report)
+}
+
+/// Writes results in batches while calls go on. If a write fails even on a fresh connection,
+/// it stops the delivery (`stop`) rather than let calls go on whose results cannot be kept.
+async fn record_results(
+    pool: PgPool,
+    target: Target,
+    owner: String,
+    stop: CancellationToken,
+    mut results: mpsc::Receiver<SendResult>,
+) -> Result<DeliveryReport, sqlx::Error> {
+    let mut report = DeliveryReport::default();
+    let mut buf = Vec::with_capacity(RECORD_BATCH);
+    loop {
+        let n = results.recv_many(&mut buf, RECORD_BATCH).await;
+        if n == 0 {
+            break;
+        }
+        let mut ok = Vec::new();
+        let mut bad = Vec::new();
+        for r in buf.drain(..) {
+            match r {
+                SendResult::Confirmed(c) => {
+                    report.retried += c.extra_attempts as u64;
+                    ok.push(c)
+                }
+                SendResult::NotConfirmed { change, failure } => {
+                    report.retried += change.retries as u64;
+                    if failure {
+                        report.failed += 1;
+                        if change.status == "rejected" {
+                            report.rejected += 1;
+                        }
+                    }
+                    if change.error.is_some() {
+                        report.last_error.clone_from(&change.error);
+                    }
+                    bad.push(change)
+                }
+            }
+        }
+        let recorded = async {
+            report.sent += retry_write("confirming changes", || {
+                outbox::confirm(&pool, target.audience_id, &owner, &ok)
+            })
+            .await?;
+            retry_write("recording failed changes", || {
+                outbox::record_failures(&pool, target.audience_id, &owner, &bad)
+            })
+            .await
+        }
+        .await;
+        if let Err(e) = recorded {
+            // Results can no longer be written: stop sending rather than deliver blind
+            // (every unrecorded call would be sent again by the next run).
+            stop.cancel();
+            return Err(e);
+        }
+        target.progress.inc((ok.len() + bad.len()) as u64);
+    }
+    Ok(report)
+}
+
+/// Keeps this delivery's claims leased while it works on them: a change can wait longer than
+/// one lease (long 429 pauses), and an expired lease would let the claim loop's second pass,
+/// or another worker, claim and send it again. Renews every third of the lease.
+async fn renew_leases(pool: PgPool, target: Target, owner: String, lease: Duration) {
+    let mut tick = tokio::time::interval((lease / 3).max(Duration::from_millis(100)));
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        if let Err(e) = outbox::renew_leases(&pool, target.audience_id, &owner, lease).await {
+            tracing::warn!(audience = %target.key, error = %crate::audience::db_message(&e), "cannot renew the leases of changes in flight");
+        }
+    }
 }
 
 struct SendCtx {
@@ -271,26 +396,49 @@ struct SendCtx {
     max_attempts: u32,
     retry_base: Duration,
     retry_max: Duration,
-    unauthorized: Arc<std::sync::Mutex<Option<u16>>>,
+    halted: Arc<std::sync::Mutex<Option<Halt>>>,
+    endpoint: Arc<std::sync::Mutex<EndpointCheck>>,
+}
+
+impl SendCtx {
+    /// Stops the run for `why` (the first reason given is kept).
+    fn halt(&self, why: Halt) {
+        self.halted.lock().expect("lock").get_or_insert(why);
+        self.stop.cancel();
+    }
+}
+
+/// Calls made for one change, as stored: `attempts` counts calls that may have reached Wigzo
+/// (429s did not: Wigzo refused them unapplied), `throttles` the 429s.
+#[derive(Debug, Default, Clone, Copy)]
+struct Tries {
+    sent: u32,
+    throttled: u32,
 }
 
 /// Sends one change until it is confirmed, rejected, out of attempts, or the run stops.
-async fn send_one(ctx: &SendCtx, target: &Target, change: Change) -> Result1 {
+async fn send_one(ctx: &SendCtx, target: &Target, change: Change) -> SendResult {
     let body = Identify::new(target.audience_id, &target.key, &change);
-    let mut tries: i32 = 0;
+    let mut tries = Tries::default();
     let mut failures: u32 = 0;
-    let mut throttles: u32 = 0;
     let not_confirmed =
-        |status, tries: i32, code: Option<u16>, error: Option<String>| NotConfirmed {
-            user_id: change.user_id.clone(),
-            status,
-            extra_attempts: (tries - 1).max(0),
-            last_status: code.map(i32::from),
-            error,
+        |status, tries: Tries, code: Option<u16>, error: Option<String>, failure| {
+            SendResult::NotConfirmed {
+                change: NotConfirmed {
+                    user_id: change.user_id.clone(),
+                    status,
+                    attempts: (tries.sent - tries.throttled) as i32,
+                    throttles: tries.throttled as i32,
+                    retries: tries.sent.saturating_sub(1) as i32,
+                    last_status: code.map(i32::from),
+                    error,
+                },
+                failure,
+            }
         };
     loop {
         if ctx.stop.is_cancelled() {
-            return Result1::NotConfirmed(not_confirmed("pending", tries, None, None), false);
+            return not_confirmed("pending", tries, None, None, false);
         }
         let wait_until = *ctx.not_before.lock().await;
         if wait_until > Instant::now() {
@@ -308,34 +456,44 @@ async fn send_one(ctx: &SendCtx, target: &Target, change: Change) -> Result1 {
             if ctx.stop.is_cancelled() {
                 continue;
             }
-            tries += 1;
+            tries.sent += 1;
             ctx.client.send(&body).await
         };
+        if let Some(status) = outcome.status()
+            && ctx.endpoint.lock().expect("lock").answer(status)
+        {
+            ctx.halt(Halt::WrongEndpoint { status });
+        }
         let (code, error, wait) = match outcome {
             Outcome::Confirmed { .. } => {
-                return Result1::Confirmed(Confirmed {
+                return SendResult::Confirmed(Confirmed {
                     user_id: change.user_id.clone(),
                     target_version: change.target_version,
                     member: change.member,
                     message_id: change.message_id,
-                    extra_attempts: tries - 1,
+                    extra_attempts: tries.sent as i32 - 1,
                 });
             }
             Outcome::Rejected { status, error } => {
                 tracing::warn!(audience = %target.key, user_id = %change.user_id, status, error = %error, "Wigzo rejected a change");
-                return Result1::NotConfirmed(
-                    not_confirmed("rejected", tries, Some(status), Some(error)),
-                    true,
-                );
+                return not_confirmed("rejected", tries, Some(status), Some(error), true);
             }
             Outcome::Unauthorized { status } => {
-                *ctx.unauthorized.lock().expect("lock") = Some(status);
-                ctx.stop.cancel();
+                ctx.halt(Halt::TokenRefused { status });
                 let error = format!("HTTP {status}: the organization token was refused");
-                return Result1::NotConfirmed(
-                    not_confirmed("pending", tries, Some(status), Some(error)),
-                    false,
-                );
+                return not_confirmed("pending", tries, Some(status), Some(error), false);
+            }
+            Outcome::Redirected {
+                status,
+                location_host,
+            } => {
+                let halt = Halt::Redirected {
+                    status,
+                    location_host,
+                };
+                let error = halt.to_string();
+                ctx.halt(halt);
+                return not_confirmed("pending", tries, Some(status), Some(error), false);
             }
             Outcome::Retry {
                 status,
@@ -344,15 +502,14 @@ async fn send_one(ctx: &SendCtx, target: &Target, change: Change) -> Result1 {
                 throttled,
             } => {
                 let wait = if throttled {
-                    throttles += 1;
-                    if throttles > MAX_THROTTLED {
-                        return Result1::NotConfirmed(
-                            not_confirmed("failed", tries, status, Some(error)),
-                            true,
-                        );
+                    tries.throttled += 1;
+                    if tries.throttled > MAX_THROTTLED {
+                        return not_confirmed("failed", tries, status, Some(error), true);
                     }
                     let wait = retry_after
-                        .unwrap_or_else(|| backoff(throttles - 1, ctx.retry_base, ctx.retry_max))
+                        .unwrap_or_else(|| {
+                            backoff(tries.throttled - 1, ctx.retry_base, ctx.retry_max)
+                        })
                         .min(MAX_RETRY_AFTER);
                     // Everyone pauses: the destination asked us to slow down.
                     let mut nb = ctx.not_before.lock().await;
@@ -361,11 +518,8 @@ async fn send_one(ctx: &SendCtx, target: &Target, change: Change) -> Result1 {
                 } else {
                     failures += 1;
                     if failures >= ctx.max_attempts {
-                        tracing::warn!(audience = %target.key, user_id = %change.user_id, error = %error, attempts = tries, "change out of retries for this run");
-                        return Result1::NotConfirmed(
-                            not_confirmed("failed", tries, status, Some(error)),
-                            true,
-                        );
+                        tracing::warn!(audience = %target.key, user_id = %change.user_id, error = %error, attempts = tries.sent - tries.throttled, "change out of retries for this run");
+                        return not_confirmed("failed", tries, status, Some(error), true);
                     }
                     retry_after
                         .unwrap_or_else(|| backoff(failures - 1, ctx.retry_base, ctx.retry_max))
@@ -378,8 +532,31 @@ async fn send_one(ctx: &SendCtx, target: &Target, change: Change) -> Result1 {
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = ctx.stop.cancelled() => {
-                return Result1::NotConfirmed(not_confirmed("pending", tries, code, Some(error)), false);
+                return not_confirmed("pending", tries, code, Some(error), false);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_probe_of_nothing_but_404_405_410_means_a_wrong_endpoint() {
+        let mut c = EndpointCheck::default();
+        let verdicts: Vec<bool> = (0..ENDPOINT_PROBE).map(|_| c.answer(404)).collect();
+        assert_eq!(verdicts.iter().filter(|v| **v).count(), 1);
+        assert!(verdicts[ENDPOINT_PROBE as usize - 1]);
+        assert!(!c.answer(404), "the verdict is given once");
+
+        let mut c = EndpointCheck::default();
+        assert!(!c.answer(200));
+        assert!((1..ENDPOINT_PROBE).all(|_| !c.answer(410)));
+
+        let mut c = EndpointCheck::default();
+        let mixed = [405, 410, 404];
+        assert!((0..ENDPOINT_PROBE - 1).all(|i| !c.answer(mixed[i as usize % 3])));
+        assert!(c.answer(404));
     }
 }

@@ -12,9 +12,10 @@ use crate::snapshot::{Captured, Reader, SnapshotError};
 /// The set of changes, as SQL over the capture table and `synced_members`.
 /// $1 = audience id, $2 = full resync (send every member, not only those who entered).
 ///
-/// Besides real changes it re-asserts users whose previous change was attempted but never
-/// confirmed: Wigzo may have applied it, so the current value is sent again (a failed removal
-/// must not hide a re-add).
+/// Besides real changes it re-asserts users whose owed change may already have reached Wigzo
+/// unconfirmed: it was attempted (`attempts > 0`), or it replaced one that was (its change
+/// number is past the next one, see `write_outbox`). Wigzo may hold that value, so the
+/// current one is sent again (a failed removal must not hide a re-add).
 const DIFF: &str = "
     diff AS (
         SELECT c.user_id, true AS member, c.email, c.phone, c.name,
@@ -23,6 +24,7 @@ const DIFF: &str = "
           LEFT JOIN synced_members s ON s.audience_id = $1 AND s.user_id = c.user_id
           LEFT JOIN outbox o ON o.audience_id = $1 AND o.user_id = c.user_id
          WHERE $2 OR s.member IS NOT TRUE OR o.attempts > 0
+            OR o.target_version > COALESCE(s.version, 0) + 1
         UNION ALL
         SELECT u.user_id, false, u.email, u.phone, u.name, u.version + 1
           FROM (
@@ -34,7 +36,8 @@ const DIFF: &str = "
                        COALESCE(s.name, o.name), COALESCE(s.version, 0)
                   FROM outbox o
                   LEFT JOIN synced_members s ON s.audience_id = $1 AND s.user_id = o.user_id
-                 WHERE o.audience_id = $1 AND o.attempts > 0 AND s.member IS NOT TRUE
+                 WHERE o.audience_id = $1 AND s.member IS NOT TRUE
+                   AND (o.attempts > 0 OR o.target_version > COALESCE(s.version, 0) + 1)
                ) u
          WHERE NOT EXISTS (SELECT 1 FROM pg_temp.audience_capture c WHERE c.user_id = u.user_id)
     )";
@@ -115,15 +118,30 @@ pub async fn write_outbox(
               FROM diff
             ON CONFLICT (audience_id, user_id) DO UPDATE SET
                 member = EXCLUDED.member, email = EXCLUDED.email, phone = EXCLUDED.phone,
-                name = EXCLUDED.name, target_version = EXCLUDED.target_version,
-                run_id = EXCLUDED.run_id, status = 'pending', next_attempt_at = now(),
+                name = EXCLUDED.name, run_id = EXCLUDED.run_id, next_attempt_at = now(),
                 lease_owner = NULL, lease_until = NULL,
-                attempts = CASE WHEN (outbox.target_version, outbox.member)
-                                     = (EXCLUDED.target_version, EXCLUDED.member)
+                -- The same value is the same change: same number (so the same messageId),
+                -- attempts and detection time. A new value is a new change: its number
+                -- moves past the replaced one's if that may have been sent, so no two
+                -- changes that could reach Wigzo ever share a messageId.
+                target_version = CASE WHEN outbox.member = EXCLUDED.member
+                                           OR outbox.attempts = 0
+                                      THEN outbox.target_version
+                                      ELSE outbox.target_version + 1 END,
+                attempts = CASE WHEN outbox.member = EXCLUDED.member
                                 THEN outbox.attempts ELSE 0 END,
-                created_at = CASE WHEN (outbox.target_version, outbox.member)
-                                       = (EXCLUDED.target_version, EXCLUDED.member)
-                                  THEN outbox.created_at ELSE now() END
+                throttles = CASE WHEN outbox.member = EXCLUDED.member
+                                 THEN outbox.throttles ELSE 0 END,
+                created_at = CASE WHEN outbox.member = EXCLUDED.member
+                                  THEN outbox.created_at ELSE now() END,
+                -- A change Wigzo rejected is held until its value or contact fields change,
+                -- or a full resync (or `retry`) asks again.
+                status = CASE WHEN outbox.status = 'rejected' AND NOT $2
+                                   AND outbox.member = EXCLUDED.member
+                                   AND (outbox.email, outbox.phone, outbox.name)
+                                       IS NOT DISTINCT FROM
+                                       (EXCLUDED.email, EXCLUDED.phone, EXCLUDED.name)
+                              THEN 'rejected' ELSE 'pending' END
             RETURNING member)
          SELECT count(*) FILTER (WHERE member), count(*) FILTER (WHERE NOT member) FROM ins"
     )))

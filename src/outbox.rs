@@ -8,14 +8,13 @@ use md5::{Digest, Md5};
 use sqlx::{AssertSqlSafe, Connection, Executor, FromRow, PgConnection, PgPool};
 use uuid::Uuid;
 
-/// How long a claim protects a change from other workers.
-pub const LEASE_SECS: i64 = 900;
-
-/// The messageId of a change: md5 of `audience:user:version:value` read as a UUID, where
-/// version is the number the user's confirmed row will have once this change is confirmed.
-/// Deterministic, so every attempt of one change carries the same id, and a user who leaves
-/// and re-enters gets a new one. Equal to SQL's
-/// `md5(audience || ':' || user_id || ':' || version || ':' || member)::uuid`.
+/// The messageId of a change: md5 of `audience:user:change number:value` read as a UUID.
+/// The change number (`target_version`) is the user's per-audience change sequence: one more
+/// than the last confirmed change for a change written over nothing owed, and one more than
+/// the change it replaces when that one may have been sent (see `diff::write_outbox`). So
+/// every attempt of one change carries the same id, and no two changes share one, confirmed
+/// or not. Equal to SQL's `md5(audience || ':' || user_id || ':' || version || ':' || member)::uuid`,
+/// the formula older versions stored.
 pub fn message_id(audience_id: i64, user_id: &str, version: i64, member: bool) -> Uuid {
     let mut h = Md5::new();
     h.update(format!("{audience_id}:{user_id}:{version}:{member}"));
@@ -170,6 +169,7 @@ pub async fn claim(
     owner: &str,
     after: &str,
     limit: i64,
+    lease: std::time::Duration,
 ) -> Result<Claimed, sqlx::Error> {
     // `= ANY (ARRAY(...))` rather than a join: the generic plan of a join (used from the
     // sixth claim on) hashed the whole outbox for every batch.
@@ -195,7 +195,7 @@ pub async fn claim(
     .bind(audience_id)
     .bind(owner)
     .bind(limit)
-    .bind(LEASE_SECS as f64)
+    .bind(lease.as_secs_f64())
     .bind(after)
     .fetch_all(pool)
     .await?;
@@ -285,13 +285,20 @@ pub struct NotConfirmed {
     /// `pending` (try again next run, e.g. token refused or cancelled), `failed` (retries used
     /// up) or `rejected` (a 4xx for this change).
     pub status: &'static str,
-    pub extra_attempts: i32,
+    /// Calls of this claim that may have reached Wigzo (not counting 429s). The claim itself
+    /// counted one; the record replaces it with this number.
+    pub attempts: i32,
+    /// 429 answers in this claim.
+    pub throttles: i32,
+    /// Calls after the first, 429s included (for the run's `retried` count).
+    pub retries: i32,
     pub last_status: Option<i32>,
     pub error: Option<String>,
 }
 
 /// Records changes that were not confirmed and releases their lease. They stay in the outbox:
-/// the next run's diff makes them pending again.
+/// the next run's diff makes them pending again (rejected ones stay rejected until the user's
+/// value changes, a full resync, or `retry`).
 pub async fn record_failures(
     pool: &PgPool,
     audience_id: i64,
@@ -303,29 +310,83 @@ pub async fn record_failures(
     }
     let users: Vec<&str> = rows.iter().map(|r| r.user_id.as_str()).collect();
     let statuses: Vec<&str> = rows.iter().map(|r| r.status).collect();
-    let extra: Vec<i32> = rows.iter().map(|r| r.extra_attempts).collect();
+    let attempts: Vec<i32> = rows.iter().map(|r| r.attempts).collect();
+    let throttles: Vec<i32> = rows.iter().map(|r| r.throttles).collect();
     let codes: Vec<Option<i32>> = rows.iter().map(|r| r.last_status).collect();
     let errors: Vec<Option<String>> = rows.iter().map(|r| r.error.clone()).collect();
+    // `attempts - 1`: the claim counted one attempt in case the call reached Wigzo; the
+    // calls actually made replace it (0 when the run stopped before sending, or Wigzo
+    // answered only 429s, so the change is known not to have been applied).
     sqlx::query(
         "UPDATE outbox o
-            SET status = r.status, attempts = o.attempts + r.extra,
+            SET status = r.status, attempts = greatest(o.attempts - 1 + r.attempts, 0),
+                throttles = o.throttles + r.throttles,
                 last_status = COALESCE(r.code, o.last_status),
                 last_error = COALESCE(r.error, o.last_error),
                 lease_owner = NULL, lease_until = NULL
-           FROM unnest($1::text[], $2::text[], $3::int[], $4::int[], $5::text[])
-                AS r(user_id, status, extra, code, error)
+           FROM unnest($1::text[], $2::text[], $3::int[], $4::int[], $5::text[], $8::int[])
+                AS r(user_id, status, attempts, code, error, throttles)
           WHERE o.audience_id = $7 AND o.user_id = r.user_id AND o.lease_owner = $6",
     )
     .bind(&users)
     .bind(&statuses)
-    .bind(&extra)
+    .bind(&attempts)
     .bind(&codes)
     .bind(&errors)
     .bind(owner)
     .bind(audience_id)
+    .bind(&throttles)
     .execute(pool)
     .await?;
     Ok(())
+}
+
+/// Extends the lease of every change `owner` holds in an audience to `lease` from now: the
+/// changes a delivery is still working on.
+pub async fn renew_leases(
+    pool: &PgPool,
+    audience_id: i64,
+    owner: &str,
+    lease: std::time::Duration,
+) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query(
+        "UPDATE outbox SET lease_until = now() + make_interval(secs => $3)
+          WHERE audience_id = $1 AND coalesce(lease_owner = $2, false)",
+    )
+    .bind(audience_id)
+    .bind(owner)
+    .bind(lease.as_secs_f64())
+    .execute(pool)
+    .await?
+    .rows_affected())
+}
+
+/// Makes an audience's rejected changes pending again (all of them, or those rejected with
+/// one of `statuses`), to be sent by its next run. Returns how many.
+pub async fn requeue_rejected(
+    pool: &PgPool,
+    audience_id: i64,
+    statuses: &[u16],
+) -> Result<u64, sqlx::Error> {
+    let statuses: Vec<i32> = statuses.iter().map(|s| i32::from(*s)).collect();
+    Ok(sqlx::query(
+        "UPDATE outbox SET status = 'pending', next_attempt_at = now()
+          WHERE audience_id = $1 AND status = 'rejected'
+            AND (cardinality($2::int[]) = 0 OR last_status = ANY ($2))",
+    )
+    .bind(audience_id)
+    .bind(&statuses)
+    .execute(pool)
+    .await?
+    .rows_affected())
+}
+
+/// How many of an audience's changes are held as rejected by Wigzo.
+pub async fn rejected_count(pool: &PgPool, audience_id: i64) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT count(*) FROM outbox WHERE audience_id = $1 AND status = 'rejected'")
+        .bind(audience_id)
+        .fetch_one(pool)
+        .await
 }
 
 /// Releases every lease `owner` still holds on an audience's changes.

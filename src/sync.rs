@@ -14,6 +14,7 @@ use crate::audience::{Audience, db_message};
 use crate::config::WigzoConfig;
 use crate::delivery::{self, Target};
 use crate::diff;
+use crate::outbox;
 use crate::snapshot;
 use crate::wigzo::{WigzoClient, identify_payload};
 
@@ -21,6 +22,9 @@ use crate::wigzo::{WigzoClient, identify_payload};
 const LOCK_CLASS: i32 = 0x4153_4e43;
 /// How often a delivering run checks that it still holds its audience lock.
 const LOCK_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long that check may take: a lock session that does not answer (a half-open
+/// connection, a hung server) is treated as lost, and the run stops claiming.
+const LOCK_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -87,6 +91,9 @@ pub struct RunReport {
     pub sent: u64,
     pub failed: u64,
     pub retried: u64,
+    /// The audience's changes held as rejected by Wigzo when the run ended (a run with any is
+    /// `partial`).
+    pub rejected: i64,
     pub skipped_rows: i64,
     pub duration_ms: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -178,12 +185,19 @@ impl Worker {
             sent: 0,
             failed: 0,
             retried: 0,
+            rejected: 0,
             skipped_rows: 0,
             duration_ms: 0,
             error: None,
             sample: Vec::new(),
         };
-        match self.run_inner(audience, mode, &opts, &mut report).await {
+        // The audience lock's connection, kept until the run's end is recorded: another
+        // replica that takes the lock must find the run finished, not `running`.
+        let mut lock = None;
+        match self
+            .run_inner(audience, mode, &opts, &mut report, &mut lock)
+            .await
+        {
             Ok(true) => {}
             Ok(false) => return None,
             Err(e) => {
@@ -194,17 +208,25 @@ impl Worker {
         report.duration_ms = started.elapsed().as_millis() as u64;
         // A run stopped by shutdown is recorded as abandoned: the next worker resumes it at
         // once instead of treating it as a failure to back off from.
-        let recorded_status = if !report.succeeded() && self.cancel.is_cancelled() {
+        let recorded_status = if report.status == "failed" && self.cancel.is_cancelled() {
             "abandoned"
         } else {
             report.status
         };
         if let Some(run_id) = report.run_id {
+            // A full resync that delivered everything it could clears the audience's
+            // resync mark in the same statement.
             let saved = sqlx::query(
-                "UPDATE runs SET status = $2, finished_at = now(), members = $3, added = $4,
-                        removed = $5, sent = $6, failed = $7, retried = $8, skipped_rows = $9,
-                        error = $10
-                  WHERE id = $1",
+                "WITH r AS (
+                    UPDATE runs SET status = $2, finished_at = now(), members = $3, added = $4,
+                           removed = $5, sent = $6, failed = $7, retried = $8, skipped_rows = $9,
+                           error = $10
+                     WHERE id = $1
+                 RETURNING audience_id, kind, status)
+                 UPDATE audiences a SET resync_pending = false
+                   FROM r
+                  WHERE a.id = r.audience_id AND r.kind = 'full_resync'
+                    AND r.status IN ('succeeded', 'partial')",
             )
             .bind(run_id)
             .bind(recorded_status)
@@ -222,10 +244,15 @@ impl Worker {
                 tracing::error!(run_id, error = %e, "cannot record the end of a run; the next run of this audience will mark it abandoned");
             }
         }
-        if report.succeeded() {
-            tracing::info!(audience = %report.audience, run_id = ?report.run_id, kind = report.kind, members = report.members, added = report.added, removed = report.removed, sent = report.sent, duration_ms = report.duration_ms, dry_run, "run succeeded");
-        } else {
-            tracing::warn!(audience = %report.audience, run_id = ?report.run_id, kind = report.kind, sent = report.sent, failed = report.failed, error = report.error.as_deref().unwrap_or(""), "run failed");
+        // Only now is the audience free for another run.
+        drop(lock);
+        match report.status {
+            "succeeded" => {
+                tracing::info!(audience = %report.audience, run_id = ?report.run_id, kind = report.kind, members = report.members, added = report.added, removed = report.removed, sent = report.sent, duration_ms = report.duration_ms, dry_run, "run succeeded")
+            }
+            status => {
+                tracing::warn!(audience = %report.audience, run_id = ?report.run_id, kind = report.kind, status, sent = report.sent, failed = report.failed, rejected = report.rejected, error = report.error.as_deref().unwrap_or(""), "run did not deliver everything")
+            }
         }
         Some(report)
     }
@@ -237,16 +264,19 @@ impl Worker {
         mode: Mode,
         opts: &RunOptions,
         report: &mut RunReport,
+        lock: &mut Option<sqlx::PgConnection>,
     ) -> Result<bool, String> {
         let dry_run = opts.dry_run;
         let key = &audience.def.key;
-        let mut conn = crate::db::dedicated(&self.connect)
-            .await
-            .map_err(|e| e.to_string())?;
+        let conn = lock.insert(
+            crate::db::dedicated(&self.connect)
+                .await
+                .map_err(|e| e.to_string())?,
+        );
         let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2::int)")
             .bind(LOCK_CLASS)
             .bind(audience.id as i32)
-            .fetch_one(&mut conn)
+            .fetch_one(&mut *conn)
             .await
             .map_err(|e| db_message(&e))?;
         if !locked && opts.skip_if_busy {
@@ -290,6 +320,19 @@ impl Worker {
         .await
         .map_err(|e| db_message(&e))?;
 
+        // A full resync stopped part-way is finished as one, whatever run comes next.
+        let resync_pending: bool =
+            sqlx::query_scalar("SELECT resync_pending FROM audiences WHERE id = $1")
+                .bind(audience.id)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(|e| db_message(&e))?;
+        let mode = if resync_pending {
+            report.kind = "full_resync";
+            Mode::FullResync
+        } else {
+            mode
+        };
         if mode == Mode::Sync {
             let initial: bool = sqlx::query_scalar(
                 "SELECT NOT EXISTS (SELECT 1 FROM runs WHERE audience_id = $1 AND status = 'succeeded')
@@ -302,8 +345,13 @@ impl Worker {
             report.kind = if initial { "initial" } else { "incremental" };
         }
         if !dry_run {
+            // The resync mark goes down with the run row: from here on, until a full resync
+            // ends, every run of the audience is one.
             let run_id: i64 = sqlx::query_scalar(
-                "INSERT INTO runs (audience_id, kind, status, owner, trigger)
+                "WITH mark AS (
+                    UPDATE audiences SET resync_pending = true
+                     WHERE id = $1 AND $2 = 'full_resync' AND NOT resync_pending)
+                 INSERT INTO runs (audience_id, kind, status, owner, trigger)
                  VALUES ($1, $2, 'running', $3, $4)
                  RETURNING id",
             )
@@ -319,7 +367,7 @@ impl Worker {
         tracing::info!(audience = %key, run_id = ?report.run_id, kind = report.kind, dry_run, "run started");
 
         let reader = snapshot::Reader::open(
-            &mut conn,
+            &mut *conn,
             &self.pool,
             key,
             &audience.def.query,
@@ -331,11 +379,11 @@ impl Worker {
         let full = mode == Mode::FullResync;
         let Some(run_id) = report.run_id else {
             // A dry run: capture and preview; nothing is written.
-            let captured = snapshot::capture(&mut conn, reader)
+            let captured = snapshot::capture(&mut *conn, reader)
                 .await
                 .map_err(|e| e.to_string())?;
             report.captured(captured);
-            let (counts, sample) = diff::preview(&mut conn, audience.id, full, 3)
+            let (counts, sample) = diff::preview(&mut *conn, audience.id, full, 3)
                 .await
                 .map_err(|e| db_message(&e))?;
             report.added = counts.added;
@@ -347,18 +395,18 @@ impl Worker {
             report.status = "succeeded";
             return Ok(true);
         };
-        let first = diff::is_first_sync(&mut conn, audience.id)
+        let first = diff::is_first_sync(&mut *conn, audience.id)
             .await
             .map_err(|e| db_message(&e))?;
         let (captured, counts) = if first {
-            diff::first_sync(&mut conn, reader, audience.id, run_id)
+            diff::first_sync(&mut *conn, reader, audience.id, run_id)
                 .await
                 .map_err(|e| e.to_string())?
         } else {
-            let captured = snapshot::capture(&mut conn, reader)
+            let captured = snapshot::capture(&mut *conn, reader)
                 .await
                 .map_err(|e| e.to_string())?;
-            let counts = diff::write_outbox(&mut conn, audience.id, run_id, full)
+            let counts = diff::write_outbox(&mut *conn, audience.id, run_id, full)
                 .await
                 .map_err(|e| e.to_string())?;
             (captured, counts)
@@ -379,7 +427,7 @@ impl Worker {
         .map_err(|e| db_message(&e))?;
         // The capture is no longer needed; free it before a long delivery.
         let _ = sqlx::query("DROP TABLE IF EXISTS pg_temp.audience_capture")
-            .execute(&mut conn)
+            .execute(&mut *conn)
             .await;
 
         let progress = self.progress_bar(audience.id, key).await;
@@ -409,8 +457,13 @@ impl Worker {
                 tokio::select! {
                     r = &mut deliver => break r,
                     _ = check.tick(), if !lock_lost => {
-                        if sqlx::query("SELECT 1").execute(&mut conn).await.is_err() {
-                            tracing::warn!(audience = %key, "lost the audience lock (its database session ended); stopping delivery");
+                        let alive = tokio::time::timeout(
+                            LOCK_CHECK_TIMEOUT,
+                            sqlx::query("SELECT 1").execute(&mut *conn),
+                        )
+                        .await;
+                        if !matches!(alive, Ok(Ok(_))) {
+                            tracing::warn!(audience = %key, timed_out = alive.is_err(), "lost the audience lock (its database session ended or stopped answering); stopping delivery");
                             lock_lost = true;
                             run_cancel.cancel();
                         }
@@ -423,33 +476,46 @@ impl Worker {
         report.sent = d.sent;
         report.failed = d.failed;
         report.retried = d.retried;
-        // The lock connection closes here (drop), releasing the audience.
-        drop(conn);
+        let owed = ((report.added + report.removed) as u64).saturating_sub(d.sent);
 
-        if let Some(status) = d.unauthorized {
+        if let Some(halt) = d.halted {
             return Err(format!(
-                "Wigzo refused the organization token (HTTP {status}); check WIGZO_ORG_TOKEN / [wigzo] org_token. Nothing unconfirmed was lost: {} changes stay pending",
-                (report.added + report.removed) as u64 - d.sent
+                "{halt}. Nothing unconfirmed was lost: the run stopped at once and its {owed} unconfirmed changes stay pending"
             ));
         }
         if lock_lost {
             return Err(format!(
-                "lost the lock on audience {key:?} when its database session ended (restart or failover?); {} changes were confirmed, the rest stay pending for the next run",
+                "lost the lock on audience {key:?} when its database session ended or stopped answering (restart, failover, network?); {} changes were confirmed, the rest stay pending for the next run",
                 d.sent
             ));
         }
         if d.cancelled {
             return Err("run was interrupted; unsent changes stay pending for the next run".into());
         }
-        if d.failed > 0 {
+        let out_of_retries = d.failed - d.rejected;
+        if out_of_retries > 0 {
             return Err(format!(
-                "{} of {} changes were not delivered ({} rejected by Wigzo, {} out of retries; last error: {}); they stay in the outbox and are retried by the next run",
+                "{} of {} changes were not delivered ({} rejected by Wigzo, {out_of_retries} out of retries; last error: {}); they stay in the outbox and are retried by the next run",
                 d.failed,
                 report.added + report.removed,
                 d.rejected,
-                d.failed - d.rejected,
                 d.last_error.as_deref().unwrap_or("none")
             ));
+        }
+        report.rejected = outbox::rejected_count(&self.pool, audience.id)
+            .await
+            .map_err(|e| db_message(&e))?;
+        if report.rejected > 0 {
+            // Everything else is confirmed. Re-running the audience would not change Wigzo's
+            // answer, so the run ends partial and the audience waits for its next tick.
+            report.status = "partial";
+            report.error = Some(format!(
+                "{} changes are held because Wigzo rejected them ({} in this run; last error: {}); they are sent again when the user's value or contact fields change, by a full resync, or by `audience-sync retry --audience {key}`",
+                report.rejected,
+                d.rejected,
+                d.last_error.as_deref().unwrap_or("see ops.failed_changes")
+            ));
+            return Ok(true);
         }
         report.status = "succeeded";
         Ok(true)

@@ -1,5 +1,5 @@
 //! Wigzo client: owns the identify call's wire format, sends it, and classifies the answer
-//! (confirm / retry / reject / token refused). Retry *timing* lives here too, as pure functions.
+//! (confirm / retry / reject / stop the run). Retry *timing* lives here too, as pure functions.
 
 use std::time::Duration;
 
@@ -15,6 +15,9 @@ use crate::outbox::Change;
 pub const IDENTIFY_PATH: &str = "/rest/v1/learn/identify";
 /// Longest response-body excerpt kept for a rejected change.
 const EXCERPT_LEN: usize = 300;
+/// Most of a response body ever read: error pages can be large or never end, and only an
+/// excerpt is kept.
+pub const MAX_BODY_READ: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -41,6 +44,27 @@ pub enum Outcome {
     Rejected { status: u16, error: String },
     /// 401/403: the organization token was refused; the run must stop.
     Unauthorized { status: u16 },
+    /// 3xx: the call was answered by a redirect, which is never followed (a POST re-sent as a
+    /// GET elsewhere would confirm nothing Wigzo applied). `base_url` is wrong; the run must
+    /// stop. `location_host` is the host the answer pointed to, if it named one.
+    Redirected {
+        status: u16,
+        location_host: Option<String>,
+    },
+}
+
+impl Outcome {
+    /// The HTTP status Wigzo answered with; `None` when there was no answer (timeout,
+    /// connection error).
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Outcome::Confirmed { status }
+            | Outcome::Rejected { status, .. }
+            | Outcome::Unauthorized { status }
+            | Outcome::Redirected { status, .. } => Some(*status),
+            Outcome::Retry { status, .. } => *status,
+        }
+    }
 }
 
 /// The identify call for one change, borrowed from it and serialised straight into the request
@@ -196,6 +220,8 @@ impl WigzoClient {
             .connect_timeout(cfg.timeout.min(Duration::from_secs(5)))
             .pool_max_idle_per_host(cfg.concurrency.max(1))
             .user_agent(concat!("audience-sync/", env!("CARGO_PKG_VERSION")))
+            // Only a 2xx from Wigzo itself confirms a call: a redirect is an answer, not a hop.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| ClientError::Build(e.without_url().to_string()))?;
         Ok(Self {
@@ -273,14 +299,41 @@ impl WigzoClient {
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(parse_retry_after);
-        // Read the body so the connection goes back to the pool, even on success.
+        if (300..400).contains(&status) {
+            let location_host = resp
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|l| resp.url().join(l).ok())
+                .and_then(|u| u.host_str().map(str::to_string));
+            return Outcome::Redirected {
+                status,
+                location_host,
+            };
+        }
+        // Read the body (bounded) so a short one lets the connection go back to the pool.
+        let body = read_bounded(resp, MAX_BODY_READ).await;
         if (200..300).contains(&status) {
-            let _ = resp.bytes().await;
             return Outcome::Confirmed { status };
         }
-        let text = resp.text().await.unwrap_or_default();
-        classify(status, retry_after, &self.without_token(text))
+        classify(status, retry_after, &self.without_token(body))
     }
+}
+
+/// At most `limit` bytes of a response body (as text, lossily): whatever the server sends,
+/// however slowly, no more is read. A body cut short closes its connection.
+async fn read_bounded(mut resp: reqwest::Response, limit: usize) -> String {
+    let mut buf = Vec::new();
+    while buf.len() < limit {
+        match resp.chunk().await {
+            Ok(Some(chunk)) => {
+                let take = chunk.len().min(limit - buf.len());
+                buf.extend_from_slice(&chunk[..take]);
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    String::from_utf8_lossy(&buf).into_owned()
 }
 
 /// Maps a status and body to an outcome (the retry *decision*).
@@ -288,6 +341,10 @@ pub fn classify(status: u16, retry_after: Option<Duration>, body: &str) -> Outco
     match status {
         200..=299 => Outcome::Confirmed { status },
         401 | 403 => Outcome::Unauthorized { status },
+        300..=399 => Outcome::Redirected {
+            status,
+            location_host: None,
+        },
         429 => Outcome::Retry {
             status: Some(status),
             error: format!("429 Too Many Requests: {}", excerpt(body)),

@@ -399,7 +399,7 @@ async fn the_daemon_serves_ops_and_runs_a_resync_asked_for_over_the_api(pool: Pg
     let server = wigzo_ok().await;
     let cfg = config(ORDERS).replace(
         "[daemon]",
-        "[ops]\ntrigger_token = \"api-s3cret\"\n[daemon]",
+        "[ops]\ntrigger_token = \"api-s3cret-0123456789\"\n[daemon]",
     );
     let d = Daemons::new(&pool, &server.uri(), &cfg);
     let mut daemon = d.start("d");
@@ -444,7 +444,7 @@ async fn the_daemon_serves_ops_and_runs_a_resync_asked_for_over_the_api(pool: Pg
     );
     let r = reqwest::Client::new()
         .post(format!("{base}/api/audiences/{KEY}/resync"))
-        .bearer_auth("api-s3cret")
+        .bearer_auth("api-s3cret-0123456789")
         .send()
         .await
         .unwrap();

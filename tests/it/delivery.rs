@@ -64,7 +64,7 @@ async fn a_429_with_retry_after_is_honoured_and_does_not_use_up_attempts(pool: P
 }
 
 #[sqlx::test]
-async fn a_400_for_one_user_does_not_stop_the_others_and_is_retried_next_run(pool: PgPool) {
+async fn a_400_for_one_user_is_held_without_blocking_the_audience_until_retried(pool: PgPool) {
     seed(&pool, 10, 10).await;
     let a = audience(&pool).await;
     let server = MockServer::start().await;
@@ -81,8 +81,20 @@ async fn a_400_for_one_user_does_not_stop_the_others_and_is_retried_next_run(poo
         .await;
     let w = worker(&pool, &server);
     let r = sync(&w, &a).await;
-    assert_eq!((r.status, r.sent, r.failed), ("failed", 9, 1), "{r:?}");
-    assert!(r.error.as_deref().unwrap().contains("1 rejected"), "{r:?}");
+    assert_eq!(
+        (r.status, r.sent, r.failed, r.rejected),
+        ("partial", 9, 1, 1),
+        "{r:?}"
+    );
+    assert!(
+        !r.succeeded(),
+        "a partial run is not a success (sync exits 1)"
+    );
+    let err = r.error.as_deref().unwrap();
+    assert!(
+        err.contains("rejected") && err.contains("invalid phone") && err.contains("retry"),
+        "{err}"
+    );
     let (status, code, err): (String, Option<i32>, Option<String>) =
         sqlx::query_as("SELECT status, last_status, last_error FROM outbox WHERE user_id = '4'")
             .fetch_one(&pool)
@@ -95,14 +107,65 @@ async fn a_400_for_one_user_does_not_stop_the_others_and_is_retried_next_run(poo
         10,
         "a 400 is not retried within the run"
     );
-
-    // Next run: only the rejected change is tried again, with the same message id.
     let first_mid = calls(&server)
         .await
         .into_iter()
         .find(|c| c["userId"] == "4")
         .unwrap()["messageId"]
         .clone();
+
+    // Next runs: the rejected change is held, not sent again and again; the run is partial
+    // (so the daemon waits for the next tick instead of re-running the audience).
+    server.reset().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&server)
+        .await;
+    for _ in 0..2 {
+        let r = sync(&w, &a).await;
+        assert_eq!((r.status, r.sent, r.rejected), ("partial", 0, 1), "{r:?}");
+    }
+    assert!(calls(&server).await.is_empty(), "a held change was sent");
+
+    // `retry` queues it again: one call, with the messageId of its first attempt.
+    assert_eq!(
+        audience_sync::outbox::requeue_rejected(&pool, a.id, &[])
+            .await
+            .unwrap(),
+        1
+    );
+    let r = sync(&w, &a).await;
+    assert!(r.succeeded(), "{r:?}");
+    let again = calls(&server).await;
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0]["userId"], "4");
+    assert_eq!(again[0]["messageId"], first_mid);
+}
+
+#[sqlx::test]
+async fn a_rejected_change_is_sent_again_when_the_users_contact_fields_change(pool: PgPool) {
+    seed(&pool, 3, 3).await;
+    let a = audience(&pool).await;
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(body_partial_json(serde_json::json!({"userId": "2"})))
+        .respond_with(ResponseTemplate::new(422))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200))
+        .with_priority(2)
+        .mount(&server)
+        .await;
+    let w = worker(&pool, &server);
+    assert_eq!(sync(&w, &a).await.status, "partial");
+    // The user's contact fields change: the held change is owed again.
+    sqlx::query("UPDATE shop_users SET email = 'fixed@example.com' WHERE id = 2")
+        .execute(&pool)
+        .await
+        .unwrap();
     server.reset().await;
     Mock::given(method("POST"))
         .respond_with(ResponseTemplate::new(200))
@@ -110,10 +173,11 @@ async fn a_400_for_one_user_does_not_stop_the_others_and_is_retried_next_run(poo
         .await;
     let r = sync(&w, &a).await;
     assert!(r.succeeded(), "{r:?}");
-    let again = calls(&server).await;
-    assert_eq!(again.len(), 1);
-    assert_eq!(again[0]["userId"], "4");
-    assert_eq!(again[0]["messageId"], first_mid);
+    let c = calls(&server).await;
+    assert_eq!(
+        (c.len(), c[0]["email"].as_str()),
+        (1, Some("fixed@example.com"))
+    );
 }
 
 #[sqlx::test]

@@ -7,6 +7,7 @@ mod chaos;
 mod cli;
 mod daemon;
 mod delivery;
+mod edges;
 mod ops;
 mod props;
 mod sync;

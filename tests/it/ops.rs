@@ -105,7 +105,7 @@ async fn the_ops_views_show_the_runs_failures_and_history(pool: PgPool) {
         .await
         .unwrap();
 
-    // One row per audience: confirmed members 3, 4, 5, 6, 8; run 3 failed; user 7 owed.
+    // One row per audience: confirmed members 3, 4, 5, 6, 8; run 3 partial; user 7 owed.
     let o: Vec<Overview> = sqlx::query_as(
         "SELECT key, name, enabled, schedule, members, last_run_id, last_run_kind,
                 last_run_status, last_run_finished_at IS NOT NULL AS last_run_finished,
@@ -127,7 +127,7 @@ async fn the_ops_views_show_the_runs_failures_and_history(pool: PgPool) {
             members: 5,
             last_run_id: Some(3),
             last_run_kind: Some("incremental".into()),
-            last_run_status: Some("failed".into()),
+            last_run_status: Some("partial".into()),
             last_run_finished: true,
             last_success_at: Some(first_finished),
             next_run_at: None,
@@ -160,18 +160,19 @@ async fn the_ops_views_show_the_runs_failures_and_history(pool: PgPool) {
         retried: 0,
         skipped_rows: Some(0),
         has_duration: true,
-        has_error: status == "failed",
+        has_error: status != "succeeded",
     };
     assert_eq!(
         runs,
         vec![
-            run(3, "incremental", "failed", 6, 2, 1, 2, 1),
-            run(2, "incremental", "failed", 6, 2, 1, 2, 1),
+            // User 7, rejected in run 2, is held: run 3 does not send it again.
+            run(3, "incremental", "partial", 6, 2, 1, 2, 0),
+            run(2, "incremental", "partial", 6, 2, 1, 2, 1),
             run(1, "initial", "succeeded", 5, 5, 0, 5, 0),
         ]
     );
 
-    // The one change Wigzo keeps refusing: user 7 entering, rejected twice with HTTP 400.
+    // The one change Wigzo refused: user 7 entering, rejected once with HTTP 400 and held.
     type Failed = (String, String, bool, String, i32, Option<i32>, String, i64);
     let failed: Vec<Failed> = sqlx::query_as(
         "SELECT key, user_id, value, status, attempts, last_status, last_error, run_id
@@ -184,10 +185,10 @@ async fn the_ops_views_show_the_runs_failures_and_history(pool: PgPool) {
     let f = &failed[0];
     assert_eq!(
         (f.0.as_str(), f.1.as_str(), f.2, f.3.as_str(), f.4, f.5),
-        (KEY, "7", true, "rejected", 2, Some(400))
+        (KEY, "7", true, "rejected", 1, Some(400))
     );
     assert!(f.6.contains("invalid user"), "{}", f.6);
-    assert_eq!(f.7, 3, "the run that last tried it");
+    assert_eq!(f.7, 3, "the run whose diff last wrote it");
 
     // Every confirmed change, with the run that detected it.
     let mut history: Vec<(String, String, i64, bool)> = sqlx::query_as(
@@ -331,7 +332,7 @@ async fn metrics_parse_and_match_the_runs_table(pool: PgPool) {
     assert_eq!(
         by_table.len(),
         2,
-        "initial/succeeded and incremental/failed"
+        "initial/succeeded and incremental/partial"
     );
     let runs_series = m
         .keys()
@@ -360,7 +361,7 @@ async fn metrics_parse_and_match_the_runs_table(pool: PgPool) {
         assert_eq!(series(metric, &aud), n as f64, "{metric}");
     }
     assert_eq!(series("audience_sync_changes_sent_total", &aud), 9.0);
-    assert_eq!(series("audience_sync_changes_failed_total", &aud), 2.0);
+    assert_eq!(series("audience_sync_changes_failed_total", &aud), 1.0);
     assert_eq!(series("audience_sync_failed_changes", &aud), 1.0);
     assert_eq!(series("audience_sync_pending_changes", &aud), 0.0);
     assert_eq!(series("audience_sync_members", &aud), 5.0);

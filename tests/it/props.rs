@@ -141,4 +141,39 @@ proptest! {
         let err = parse(&text).unwrap_err();
         prop_assert!(!err.contains(&token), "token leaked: {err}");
     }
+
+    #[test]
+    fn a_secret_value_never_appears_in_a_config_error(
+        secret in "[A-Za-z0-9+/=_-]{12,40}",
+        key in "[a-z][a-z_]{0,14}",
+        shape in 0usize..9,
+        breakage in prop::sample::select(vec![
+            "concurrency = \"x\"",
+            "bogus = 1",
+            "",
+            "concurrency = 0",
+            "[oops",
+            "x = ",
+        ]),
+    ) {
+        let v = &secret;
+        let text = match shape {
+            0 => format!("[wigzo]\n{key} = \"{v}\"\n{breakage}\n"),
+            1 => format!("wigzo = {{ {key} = \"{v}\", concurrency = \"x\" }}\n"),
+            2 => format!("wigzo.{key} = \"{v}\"\n{breakage}\n"),
+            3 => format!("[wigzo]\n{key} = '{v}'\n{breakage}\n"),
+            4 => format!("[wigzo]\n{key} = [\"{v}\", 1]\n{breakage}\n"),
+            5 => format!("[wigzo]\n{key} = {v}\n"),
+            6 => format!("[ops]\n{key} = \"\"\"\n{v}\n\"\"\"\n{breakage}\n"),
+            7 => format!("[database]\n{key} = {{ url = \"{v}\" }}\n{breakage}\n"),
+            // Under an audience, any setting but its name (which errors name it by).
+            _ => format!(
+                "[[audience]]\nname = \"A\"\nquery = \"SELECT 1 AS user_id\"\n{} = \"{v}\"\n{breakage}\n",
+                if key == "name" { "nam" } else { key.as_str() }
+            ),
+        };
+        if let Err(err) = parse(&text) {
+            prop_assert!(!err.contains(v.as_str()), "secret leaked for {text:?}: {err}");
+        }
+    }
 }

@@ -188,10 +188,17 @@ async fn a_crash_between_send_and_confirm_loses_nothing_and_keeps_message_ids(po
     audience_sync::diff::write_outbox(&mut conn, a.id, run_id, false)
         .await
         .unwrap();
-    let claimed = audience_sync::outbox::claim(&pool, a.id, "dead:1", "", 4)
-        .await
-        .unwrap()
-        .changes;
+    let claimed = audience_sync::outbox::claim(
+        &pool,
+        a.id,
+        "dead:1",
+        "",
+        4,
+        std::time::Duration::from_secs(900),
+    )
+    .await
+    .unwrap()
+    .changes;
     assert_eq!(claimed.len(), 4);
     let claimed_ids: Vec<(String, String)> = claimed
         .iter()
