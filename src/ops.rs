@@ -343,7 +343,7 @@ body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#111}
 h1{font-size:20px}h2{font-size:16px;margin-top:28px}
 table{border-collapse:collapse;width:100%}th,td{padding:4px 8px;border-bottom:1px solid #e5e7eb;text-align:left;vertical-align:middle}
 th{background:#f9fafb}.num{text-align:right;font-variant-numeric:tabular-nums}
-.succeeded{color:#15803d}.failed,.rejected{color:#b91c1c}.running{color:#1d4ed8}.abandoned{color:#a16207}
+.succeeded{color:#15803d}.failed,.rejected{color:#b91c1c}.running{color:#1d4ed8}.abandoned,.partial{color:#a16207}
 .muted{color:#6b7280}
 </style></head><body>
 <h1>audience-sync</h1>

@@ -37,7 +37,8 @@ pub struct LastRun {
 /// - never run: now (its initial sync does not wait for a tick);
 /// - still marked running or abandoned: now (if its owner is alive the lock says so and the
 ///   attempt is skipped; if not, the run is resumed);
-/// - succeeded: the first cron tick after it started;
+/// - succeeded, or partial (only rejected changes left, which re-running would not change):
+///   the first cron tick after it started;
 /// - failed: that tick, or `retry_failed` after it finished if sooner.
 pub fn next_due(
     schedule: &cron::Schedule,
@@ -365,6 +366,13 @@ mod tests {
         assert_eq!(next_due(&s, Some(&l), RETRY, at(10, 2, 0)), at(10, 6, 0));
         let s = parse_schedule("0 */2 * * * *").unwrap();
         assert_eq!(next_due(&s, Some(&l), RETRY, at(10, 2, 0)), at(10, 2, 0));
+    }
+
+    #[test]
+    fn a_partial_run_waits_for_its_next_tick_not_the_retry_delay() {
+        let s = parse_schedule("0 0 */3 * * *").unwrap();
+        let l = last("partial", at(10, 0, 0), Some(at(10, 1, 0)));
+        assert_eq!(next_due(&s, Some(&l), RETRY, at(10, 2, 0)), at(12, 0, 0));
     }
 
     #[test]
