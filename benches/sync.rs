@@ -152,6 +152,7 @@ fn def(name: &str) -> AudienceDef {
         query: QUERY.into(),
         source_url: None,
         enabled: true,
+        guard: audience_sync::guard::Guard::default(),
     }
 }
 

@@ -21,6 +21,8 @@ pub struct AudienceDef {
     /// Another Postgres to run the query on; `None` means the worker's own database.
     pub source_url: Option<SecretString>,
     pub enabled: bool,
+    /// When a run of this audience is held instead of sending its removals.
+    pub guard: crate::guard::Guard,
 }
 
 /// An audience as stored, joined with its definition from the config file.

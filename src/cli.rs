@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use crate::audience::{self, Audience};
 use crate::config::{Config, EnvOverrides};
 use crate::status;
-use crate::sync::{Mode, RunReport, Worker, owner_id};
+use crate::sync::{Mode, RunOptions, RunReport, Worker, owner_id};
 use crate::telemetry::LogFormat;
 use crate::wigzo::WigzoClient;
 
@@ -84,6 +84,9 @@ pub struct SyncArgs {
     /// Compute and show what would be sent; send nothing, change nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Send removals the removal guard held, once (needs --audience): a person's release.
+    #[arg(long, requires = "audiences")]
+    pub allow_removals: bool,
 }
 
 #[derive(Debug, Args)]
@@ -92,6 +95,9 @@ pub struct ResyncArgs {
     pub audience: String,
     #[arg(long)]
     pub dry_run: bool,
+    /// Send removals the removal guard held, once: a person's release.
+    #[arg(long)]
+    pub allow_removals: bool,
 }
 
 #[derive(Debug, Args)]
@@ -229,7 +235,11 @@ pub async fn run(cli: Cli) -> Result<i32> {
                 );
             }
             let worker = worker(&cfg, pool)?;
-            let reports = run_all(&worker, &chosen, Mode::Sync, args.dry_run).await;
+            let opts = RunOptions {
+                allow_removals: args.allow_removals,
+                ..RunOptions::manual(args.dry_run)
+            };
+            let reports = run_all(&worker, &chosen, Mode::Sync, opts).await;
             print_reports(&cli, &reports);
             Ok(exit_code(&reports))
         }
@@ -249,7 +259,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
                 println!("{}: {requeued} rejected changes queued again", a.def.key);
             }
             let worker = worker(&cfg, pool)?;
-            let reports = run_all(&worker, &[a], Mode::Sync, false).await;
+            let reports = run_all(&worker, &[a], Mode::Sync, RunOptions::manual(false)).await;
             print_reports(&cli, &reports);
             Ok(exit_code(&reports))
         }
@@ -262,16 +272,24 @@ pub async fn run(cli: Cli) -> Result<i32> {
                 .find(|a| a.def.key == args.audience)
                 .expect("validated above");
             let worker = worker(&cfg, pool)?;
-            let reports = run_all(&worker, &[a], Mode::FullResync, args.dry_run).await;
+            let opts = RunOptions {
+                allow_removals: args.allow_removals,
+                ..RunOptions::manual(args.dry_run)
+            };
+            let reports = run_all(&worker, &[a], Mode::FullResync, opts).await;
             print_reports(&cli, &reports);
             Ok(exit_code(&reports))
         }
     }
 }
 
+/// 0: every run succeeded; 3: the only runs that did not were held by the removal guard
+/// (they wait for a person); 1: a run failed or ended partial.
 fn exit_code(reports: &[RunReport]) -> i32 {
     if reports.iter().all(RunReport::succeeded) {
         0
+    } else if reports.iter().all(|r| r.succeeded() || r.status == "held") {
+        3
     } else {
         1
     }
@@ -367,7 +385,7 @@ pub async fn run_all(
     worker: &Worker,
     audiences: &[&Audience],
     mode: Mode,
-    dry_run: bool,
+    opts: RunOptions,
 ) -> Vec<RunReport> {
     let cancel = worker.cancel.clone();
     let watcher = tokio::spawn(async move {
@@ -381,7 +399,12 @@ pub async fn run_all(
         if worker.cancel.is_cancelled() {
             break;
         }
-        out.push(worker.run(a, mode, dry_run).await);
+        out.push(
+            worker
+                .run_with(a, mode, opts.clone())
+                .await
+                .expect("a manual run is never skipped"),
+        );
     }
     watcher.abort();
     out
@@ -419,6 +442,12 @@ fn print_reports(cli: &Cli, reports: &[RunReport]) {
         );
         if let Some(e) = &r.error {
             println!("  error: {e}");
+        }
+        if r.would_hold {
+            println!(
+                "  would be held: {}",
+                r.held_reason.as_deref().unwrap_or_default()
+            );
         }
         for s in &r.sample {
             println!("  sample: {s}");

@@ -8,6 +8,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
 use crate::audience::{AudienceDef, derive_key, validate_key};
+use crate::guard::Guard;
 
 /// Default Wigzo host.
 pub const DEFAULT_BASE_URL: &str = "https://app.wigzo.com";
@@ -51,6 +52,8 @@ struct RawFile {
     ops: RawOps,
     #[serde(default)]
     daemon: RawDaemon,
+    #[serde(default)]
+    guard: RawGuard,
     #[serde(default, rename = "audience")]
     audiences: Vec<RawAudience>,
 }
@@ -94,6 +97,39 @@ struct RawDaemon {
     retry_failed_secs: Option<u64>,
 }
 
+/// `[guard]`, and an audience's `guard = { ... }` (which overrides it field by field).
+#[derive(Debug, Deserialize, Default, Clone, Copy)]
+#[serde(deny_unknown_fields)]
+struct RawGuard {
+    max_removed_percent: Option<f64>,
+    min_removed: Option<i64>,
+    hold_empty: Option<bool>,
+}
+
+impl RawGuard {
+    /// `self` over `base`, validated; `place` names the setting in errors.
+    fn over(self, base: Guard, place: &str) -> Result<Guard, ConfigError> {
+        let g = Guard {
+            max_removed_percent: self.max_removed_percent.unwrap_or(base.max_removed_percent),
+            min_removed: self.min_removed.unwrap_or(base.min_removed),
+            hold_empty: self.hold_empty.unwrap_or(base.hold_empty),
+        };
+        if !(0.0..=100.0).contains(&g.max_removed_percent) {
+            return Err(ConfigError::Setting {
+                setting: format!("{place}.max_removed_percent"),
+                reason: "must be between 0 and 100 (100: never hold on the share removed)".into(),
+            });
+        }
+        if g.min_removed < 0 {
+            return Err(ConfigError::Setting {
+                setting: format!("{place}.min_removed"),
+                reason: "must be 0 or more".into(),
+            });
+        }
+        Ok(g)
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawAudience {
@@ -103,6 +139,7 @@ struct RawAudience {
     query: String,
     source_url: Option<SecretString>,
     enabled: Option<bool>,
+    guard: Option<RawGuard>,
 }
 
 /// Everything a command needs, validated.
@@ -527,6 +564,7 @@ impl Config {
             ));
         }
 
+        let guard = raw.guard.over(Guard::default(), "guard")?;
         let mut audiences: Vec<AudienceDef> = Vec::with_capacity(raw.audiences.len());
         for a in raw.audiences {
             let err = |reason: String| ConfigError::Audience {
@@ -569,6 +607,10 @@ impl Config {
                     other.name
                 )));
             }
+            let guard = match a.guard {
+                Some(g) => g.over(guard, "guard").map_err(|e| err(e.to_string()))?,
+                None => guard,
+            };
             audiences.push(AudienceDef {
                 key,
                 name: a.name.trim().to_string(),
@@ -576,6 +618,7 @@ impl Config {
                 query,
                 source_url: a.source_url,
                 enabled: a.enabled.unwrap_or(true),
+                guard,
             });
         }
 
@@ -760,6 +803,49 @@ mod tests {
         assert!(parse(text).unwrap_err().to_string().contains("reserved"));
         let text = "[[audience]]\nname = \"Email\"\nkey = \"email_openers\"\nquery = \"q\"\n";
         assert_eq!(parse(text).unwrap().audiences[0].key, "email_openers");
+    }
+
+    #[test]
+    fn guard_defaults_and_overrides_and_bad_values() {
+        let cfg = parse(
+            "[guard]\nmin_removed = 10\n[[audience]]\nname = \"A\"\nquery = \"q\"\n\
+             [[audience]]\nname = \"Churn Risk\"\nquery = \"q\"\nguard = { max_removed_percent = 60 }\n",
+        )
+        .unwrap();
+        let (a, churn) = (&cfg.audiences[0].guard, &cfg.audiences[1].guard);
+        assert_eq!(
+            (a.max_removed_percent, a.min_removed, a.hold_empty),
+            (20.0, 10, true)
+        );
+        assert_eq!(
+            (
+                churn.max_removed_percent,
+                churn.min_removed,
+                churn.hold_empty
+            ),
+            (60.0, 10, true),
+            "an audience overrides field by field over [guard]"
+        );
+        for (text, want) in [
+            (
+                "[guard]\nmax_removed_percent = 120\n",
+                "guard.max_removed_percent",
+            ),
+            (
+                "[guard]\nmax_removed_percent = -1\n",
+                "guard.max_removed_percent",
+            ),
+            ("[guard]\nmin_removed = -5\n", "guard.min_removed"),
+            ("[guard]\nhold_empty = \"yes\"\n", "invalid type"),
+            ("[guard]\nmax_removd_percent = 1\n", "unknown field"),
+            (
+                "[[audience]]\nname = \"A\"\nquery = \"q\"\nguard = { max_removed_percent = 101 }\n",
+                "audience \"A\": invalid setting guard.max_removed_percent",
+            ),
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(err.contains(want), "{text:?}: {err}");
+        }
     }
 
     #[test]

@@ -200,6 +200,7 @@ pub fn audience_defs() -> Vec<AudienceDef> {
         query: query.to_string(),
         source_url: None,
         enabled: true,
+        guard: crate::guard::Guard::default(),
     };
     vec![
         def(

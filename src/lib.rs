@@ -1,7 +1,8 @@
 //! audience-sync: keeps Wigzo in step with audience membership computed by SQL queries.
 //!
 //! Data path: [`audience`] (definitions) -> [`snapshot`] (capture) -> [`diff`] -> [`outbox`]
-//! -> [`delivery`] -> [`wigzo`] (client). [`sync`] runs that path for one audience.
+//! -> [`delivery`] -> [`wigzo`] (client). [`sync`] runs that path for one audience; [`guard`]
+//! holds a run whose diff would remove most of an audience before anything is written.
 pub mod audience;
 pub mod cli;
 pub mod config;
@@ -10,6 +11,7 @@ pub mod delivery;
 pub mod demo;
 pub mod diff;
 pub mod embedded_pg;
+pub mod guard;
 pub mod metrics;
 pub mod ops;
 pub mod outbox;

@@ -105,19 +105,21 @@ pub async fn render(pool: &PgPool) -> Result<String, sqlx::Error> {
     let failed_now = Family::<Labels, Gauge>::default();
     let members = Family::<Labels, Gauge>::default();
     let oldest = Family::<Labels, Gauge<f64, AtomicU64>>::default();
-    let rows: Vec<(String, i64, i64, i64, Option<f64>)> = sqlx::query_as(
+    let held = Family::<Labels, Gauge>::default();
+    let rows: Vec<(String, i64, i64, i64, Option<f64>, bool)> = sqlx::query_as(
         "SELECT key, members, pending, failed,
-                extract(epoch FROM oldest_pending_age)::float8
+                extract(epoch FROM oldest_pending_age)::float8, held
            FROM ops.audience_overview",
     )
     .fetch_all(pool)
     .await?;
-    for (key, m, p, f, age) in rows {
+    for (key, m, p, f, age, h) in rows {
         let l = audience(&key);
         members.get_or_create(&l).set(m);
         pending.get_or_create(&l).set(p);
         failed_now.get_or_create(&l).set(f);
         oldest.get_or_create(&l).set(age.unwrap_or(0.0));
+        held.get_or_create(&l).set(i64::from(h));
     }
     registry.register(
         "audience_sync_pending_changes",
@@ -128,6 +130,11 @@ pub async fn render(pool: &PgPool) -> Result<String, sqlx::Error> {
         "audience_sync_failed_changes",
         "Changes rejected or out of retries, waiting for the next run",
         failed_now,
+    );
+    registry.register(
+        "audience_sync_held",
+        "1 while the audience's latest run is held by the removal guard (waiting for a person)",
+        held,
     );
     registry.register(
         "audience_sync_members",

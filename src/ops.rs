@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
@@ -35,6 +35,15 @@ pub struct Trigger {
 pub struct TriggerRequest {
     pub key: String,
     pub mode: Mode,
+    /// `?allow_removals=true`: a person's release of removals the guard held.
+    pub allow_removals: bool,
+}
+
+/// Query parameters of the trigger endpoints.
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct TriggerParams {
+    #[serde(default)]
+    allow_removals: bool,
 }
 
 pub fn router(state: OpsState) -> Router {
@@ -105,12 +114,22 @@ async fn metrics(State(s): State<OpsState>) -> Response {
     }
 }
 
-async fn trigger_sync(s: State<OpsState>, key: Path<String>, h: HeaderMap) -> Response {
-    trigger(s, key, h, Mode::Sync).await
+async fn trigger_sync(
+    s: State<OpsState>,
+    key: Path<String>,
+    q: Query<TriggerParams>,
+    h: HeaderMap,
+) -> Response {
+    trigger(s, key, h, Mode::Sync, q.allow_removals).await
 }
 
-async fn trigger_resync(s: State<OpsState>, key: Path<String>, h: HeaderMap) -> Response {
-    trigger(s, key, h, Mode::FullResync).await
+async fn trigger_resync(
+    s: State<OpsState>,
+    key: Path<String>,
+    q: Query<TriggerParams>,
+    h: HeaderMap,
+) -> Response {
+    trigger(s, key, h, Mode::FullResync, q.allow_removals).await
 }
 
 /// The credentials of an `Authorization: Bearer <token>` header (the scheme is
@@ -135,6 +154,7 @@ async fn trigger(
     Path(key): Path<String>,
     headers: HeaderMap,
     mode: Mode,
+    allow_removals: bool,
 ) -> Response {
     let Some(t) = &s.trigger else {
         return text(
@@ -182,10 +202,13 @@ async fn trigger(
     match t.tx.try_send(TriggerRequest {
         key: key.clone(),
         mode,
+        allow_removals,
     }) {
         Ok(()) => (
             StatusCode::ACCEPTED,
-            axum::Json(serde_json::json!({"queued": true, "audience": key, "mode": mode_name})),
+            axum::Json(
+                serde_json::json!({"queued": true, "audience": key, "mode": mode_name, "allow_removals": allow_removals}),
+            ),
         )
             .into_response(),
         Err(_) => text(
@@ -230,6 +253,7 @@ struct AudienceRow {
     pending: i64,
     failed: i64,
     oldest_pending_s: Option<f64>,
+    held_reason: Option<String>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -305,7 +329,7 @@ async fn render_page(pool: &PgPool) -> Result<String, sqlx::Error> {
     let audiences: Vec<AudienceRow> = sqlx::query_as(
         "SELECT audience_id, key, name, enabled, members, last_run_kind, last_run_status,
                 last_run_finished_at, next_run_at, pending, failed,
-                extract(epoch FROM oldest_pending_age)::float8 AS oldest_pending_s
+                extract(epoch FROM oldest_pending_age)::float8 AS oldest_pending_s, held_reason
            FROM ops.audience_overview ORDER BY key",
     )
     .fetch_all(pool)
@@ -344,6 +368,7 @@ h1{font-size:20px}h2{font-size:16px;margin-top:28px}
 table{border-collapse:collapse;width:100%}th,td{padding:4px 8px;border-bottom:1px solid #e5e7eb;text-align:left;vertical-align:middle}
 th{background:#f9fafb}.num{text-align:right;font-variant-numeric:tabular-nums}
 .succeeded{color:#15803d}.failed,.rejected{color:#b91c1c}.running{color:#1d4ed8}.abandoned,.partial{color:#a16207}
+.held{color:#7c3aed;font-weight:600}.held-reason{color:#7c3aed;font-size:12px;max-width:420px}
 .muted{color:#6b7280}
 </style></head><body>
 <h1>audience-sync</h1>
@@ -369,7 +394,15 @@ th{background:#f9fafb}.num{text-align:right;font-variant-numeric:tabular-nums}
             r#"<tr class="audience" data-key="{key}"><td><code>{key}</code></td><td>{name}</td><td>{state}</td><td class="num">{members}</td><td>{chart}</td><td class="last-run {status_class}">{last_run}</td><td>{finished}</td><td>{next}</td><td class="num">{pending}</td><td class="num{failed_class}">{failed}</td><td class="num">{oldest}</td></tr>"#,
             key = esc(&a.key),
             name = esc(&a.name),
-            state = if a.enabled { "enabled" } else { "disabled" },
+            // A held audience waits for a person: say so, why, and how to release it.
+            state = match (&a.held_reason, a.enabled) {
+                (Some(why), _) => format!(
+                    r#"<span class="held">held</span><div class="held-reason">{}</div>"#,
+                    esc(why)
+                ),
+                (None, true) => "enabled".to_string(),
+                (None, false) => "disabled".to_string(),
+            },
             members = a.members,
             chart = chart(&points),
             status_class = esc(a.last_run_status.as_deref().unwrap_or("never-run")),

@@ -37,8 +37,9 @@ pub struct LastRun {
 /// - never run: now (its initial sync does not wait for a tick);
 /// - still marked running or abandoned: now (if its owner is alive the lock says so and the
 ///   attempt is skipped; if not, the run is resumed);
-/// - succeeded, or partial (only rejected changes left, which re-running would not change):
-///   the first cron tick after it started;
+/// - succeeded, partial (only rejected changes left, which re-running would not change) or
+///   held by the removal guard (never released automatically): the first cron tick after it
+///   started;
 /// - failed: that tick, or `retry_failed` after it finished if sooner.
 pub fn next_due(
     schedule: &cron::Schedule,
@@ -205,6 +206,8 @@ pub async fn run(
                 trigger: "schedule",
                 skip_if_busy: true,
                 expect_last_run: Some(last.as_ref().map(|l| (l.id, l.status.clone()))),
+                // A held audience is tried again at its tick; only a person releases it.
+                allow_removals: false,
             };
             let handle = spawn_run(&mut tasks, &worker, s.audience.clone(), Mode::Sync, opts);
             running.insert(key.clone(), handle);
@@ -231,7 +234,7 @@ pub async fn run(
                 match scheduled.iter().find(|s| s.audience.def.key == req.key) {
                     Some(s) if !running.contains_key(&req.key) => {
                         tracing::info!(audience = %req.key, mode = ?req.mode, "run requested over the ops API");
-                        let opts = RunOptions { trigger: "api", ..RunOptions::manual(false) };
+                        let opts = RunOptions { trigger: "api", allow_removals: req.allow_removals, ..RunOptions::manual(false) };
                         let handle = spawn_run(&mut tasks, &worker, s.audience.clone(), req.mode, opts);
                         running.insert(req.key.clone(), handle);
                     }
@@ -369,10 +372,12 @@ mod tests {
     }
 
     #[test]
-    fn a_partial_run_waits_for_its_next_tick_not_the_retry_delay() {
+    fn partial_and_held_runs_wait_for_their_next_tick_not_the_retry_delay() {
         let s = parse_schedule("0 0 */3 * * *").unwrap();
-        let l = last("partial", at(10, 0, 0), Some(at(10, 1, 0)));
-        assert_eq!(next_due(&s, Some(&l), RETRY, at(10, 2, 0)), at(12, 0, 0));
+        for status in ["partial", "held"] {
+            let l = last(status, at(10, 0, 0), Some(at(10, 1, 0)));
+            assert_eq!(next_due(&s, Some(&l), RETRY, at(10, 2, 0)), at(12, 0, 0));
+        }
     }
 
     #[test]

@@ -16,6 +16,8 @@ pub struct AudienceStatus {
     pub last_run_finished_at: Option<DateTime<Utc>>,
     pub pending: i64,
     pub failed: i64,
+    /// Why the removal guard held the latest run, while it is the latest.
+    pub held_reason: Option<String>,
 }
 
 pub async fn audiences(pool: &PgPool) -> Result<Vec<AudienceStatus>, sqlx::Error> {
@@ -25,7 +27,8 @@ pub async fn audiences(pool: &PgPool) -> Result<Vec<AudienceStatus>, sqlx::Error
                 r.id AS last_run_id, r.kind AS last_run_kind, r.status AS last_run_status,
                 r.finished_at AS last_run_finished_at,
                 (SELECT count(*) FROM outbox o WHERE o.audience_id = a.id AND o.status = 'pending') AS pending,
-                (SELECT count(*) FROM outbox o WHERE o.audience_id = a.id AND o.status <> 'pending') AS failed
+                (SELECT count(*) FROM outbox o WHERE o.audience_id = a.id AND o.status <> 'pending') AS failed,
+                CASE WHEN r.status = 'held' THEN regexp_replace(r.error, '^held: ', '') END AS held_reason
            FROM audiences a
            LEFT JOIN LATERAL (SELECT * FROM runs WHERE audience_id = a.id ORDER BY id DESC LIMIT 1) r ON true
           ORDER BY a.enabled DESC, a.key",
@@ -138,7 +141,14 @@ pub fn render_audiences(rows: &[AudienceStatus]) -> String {
             "FAILED",
         ],
         &body,
-    )
+    ) + &rows
+        .iter()
+        .filter_map(|a| {
+            a.held_reason
+                .as_ref()
+                .map(|why| format!("\n{} is held: {why}\n", a.key))
+        })
+        .collect::<String>()
 }
 
 pub fn render_runs(rows: &[RunRow]) -> String {

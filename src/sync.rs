@@ -14,6 +14,7 @@ use crate::audience::{Audience, db_message};
 use crate::config::WigzoConfig;
 use crate::delivery::{self, Target};
 use crate::diff;
+use crate::guard;
 use crate::outbox;
 use crate::snapshot;
 use crate::wigzo::{WigzoClient, identify_payload};
@@ -63,6 +64,9 @@ pub struct RunOptions {
     /// has no run yet). Checked after the lock is taken, so a run another replica started or
     /// finished in the meantime is not repeated.
     pub expect_last_run: Option<Option<(i64, String)>>,
+    /// Let removals through that the audience's removal guard would hold (a person's
+    /// release).
+    pub allow_removals: bool,
 }
 
 impl RunOptions {
@@ -73,6 +77,7 @@ impl RunOptions {
             trigger: "manual",
             skip_if_busy: false,
             expect_last_run: None,
+            allow_removals: false,
         }
     }
 }
@@ -98,6 +103,12 @@ pub struct RunReport {
     pub duration_ms: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Why the removal guard held the run (status `held`), or would hold it (dry run).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub held_reason: Option<String>,
+    /// A dry run that a real run would be held.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub would_hold: bool,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub sample: Vec<Value>,
 }
@@ -189,6 +200,8 @@ impl Worker {
             skipped_rows: 0,
             duration_ms: 0,
             error: None,
+            held_reason: None,
+            would_hold: false,
             sample: Vec::new(),
         };
         // The audience lock's connection, kept until the run's end is recorded: another
@@ -255,6 +268,28 @@ impl Worker {
             }
         }
         Some(report)
+    }
+
+    /// The removal guard's reason to hold this run, given its captured snapshot.
+    async fn guard_verdict(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        audience: &Audience,
+        captured: snapshot::Captured,
+    ) -> Result<Option<String>, String> {
+        let (confirmed, removing) = guard::measure(conn, audience.id)
+            .await
+            .map_err(|e| db_message(&e))?;
+        let verdict = audience.def.guard.verdict(&guard::Seen {
+            confirmed,
+            removing,
+            rows: captured.members,
+            skipped: captured.skipped_rows,
+        });
+        if let Some(reason) = &verdict {
+            tracing::warn!(audience = %audience.def.key, confirmed, removing, rows = captured.members, reason = %reason, "removal guard: run held");
+        }
+        Ok(verdict)
     }
 
     /// `Ok(false)`: skipped as `opts` asked, nothing recorded.
@@ -383,6 +418,10 @@ impl Worker {
                 .await
                 .map_err(|e| e.to_string())?;
             report.captured(captured);
+            if !opts.allow_removals {
+                report.held_reason = self.guard_verdict(&mut *conn, audience, captured).await?;
+                report.would_hold = report.held_reason.is_some();
+            }
             let (counts, sample) = diff::preview(&mut *conn, audience.id, full, 3)
                 .await
                 .map_err(|e| db_message(&e))?;
@@ -406,6 +445,24 @@ impl Worker {
             let captured = snapshot::capture(&mut *conn, reader)
                 .await
                 .map_err(|e| e.to_string())?;
+            if !opts.allow_removals
+                && let Some(reason) = self.guard_verdict(&mut *conn, audience, captured).await?
+            {
+                // Nothing is written or sent; the counts say what would have been.
+                let (counts, _) = diff::preview(&mut *conn, audience.id, full, 0)
+                    .await
+                    .map_err(|e| db_message(&e))?;
+                report.captured(captured);
+                report.added = counts.added;
+                report.removed = counts.removed;
+                let command = if full { "resync" } else { "sync" };
+                report.error = Some(format!(
+                    "held: {reason}. Fix the query, or send it anyway with \"audience-sync {command} --audience {key} --allow-removals\""
+                ));
+                report.held_reason = Some(reason);
+                report.status = "held";
+                return Ok(true);
+            }
             let counts = diff::write_outbox(&mut *conn, audience.id, run_id, full)
                 .await
                 .map_err(|e| e.to_string())?;

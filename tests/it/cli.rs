@@ -339,3 +339,47 @@ async fn a_rejected_change_makes_sync_partial_and_retry_sends_it_again(pool: PgP
     let c = calls(&server).await;
     assert_eq!((c.len(), c[0]["userId"].as_str()), (1, Some("2")));
 }
+
+#[sqlx::test]
+async fn a_held_run_exits_3_and_allow_removals_releases_it(pool: PgPool) {
+    seed(&pool, 120, 120).await;
+    let server = wigzo_ok().await;
+    assert_eq!(run(&pool, CONFIG, &server.uri(), &["sync"]).code, 0);
+    sqlx::query("DELETE FROM shop_users")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let before = calls(&server).await.len();
+    let o = run(&pool, CONFIG, &server.uri(), &["sync", "--json"]);
+    assert_eq!(o.code, 3, "a held run exits 3: {}{}", o.stdout, o.stderr);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(v[0]["status"], "held");
+    assert!(
+        v[0]["held_reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("would remove 120 of 120 confirmed members"),
+        "{v}"
+    );
+    assert_eq!(calls(&server).await.len(), before);
+    let o = run(&pool, CONFIG, &server.uri(), &["status"]);
+    assert!(
+        o.stdout
+            .contains(&format!("{KEY} is held: would remove 120 of 120")),
+        "{}",
+        o.stdout
+    );
+
+    // The release names its audience.
+    let o = run(&pool, CONFIG, &server.uri(), &["sync", "--allow-removals"]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("--audience"), "{}", o.stderr);
+    let o = run(
+        &pool,
+        CONFIG,
+        &server.uri(),
+        &["sync", "--audience", KEY, "--allow-removals"],
+    );
+    assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
+    assert_eq!(calls(&server).await.len(), before + 120);
+}

@@ -469,3 +469,115 @@ async fn the_daemon_serves_ops_and_runs_a_resync_asked_for_over_the_api(pool: Pg
     // 20 members initially, then 20 again for the resync.
     assert_eq!(calls(&server).await.len(), 40);
 }
+
+#[sqlx::test]
+async fn a_held_audience_waits_for_its_source_or_a_release_over_the_api(pool: PgPool) {
+    seed(&pool, 120, 120).await;
+    let server = wigzo_ok().await;
+    // Every two seconds, so ticks come quickly.
+    let audience = ORDERS.replace("query =", "schedule = \"*/2 * * * * *\"\nquery =");
+    let cfg = config(&audience).replace(
+        "[daemon]",
+        "[ops]\ntrigger_token = \"api-s3cret-0123456789\"\n[daemon]",
+    );
+    let d = Daemons::new(&pool, &server.uri(), &cfg);
+    let mut daemon = d.start("d");
+    let mut addr = String::new();
+    until(30, "the daemon to log its ops address", || {
+        let log = d.log("d");
+        if let Some(at) = log.find("listen=") {
+            addr = log[at + 7..]
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .trim_matches('"')
+                .to_string();
+        }
+        let found = !addr.is_empty();
+        async move { found }
+    })
+    .await;
+    let base = format!("http://{addr}");
+    until(30, "the initial run", || async {
+        count(
+            &pool,
+            "SELECT count(*) FROM runs WHERE status = 'succeeded'",
+        )
+        .await
+            >= 1
+    })
+    .await;
+    let sent = requests(&server).await;
+    assert_eq!(sent, 120);
+
+    // The source empties: ticks hold the audience, never send, never release themselves.
+    sqlx::raw_sql("CREATE TABLE saved AS SELECT * FROM shop_users; DELETE FROM shop_users")
+        .execute(&pool)
+        .await
+        .unwrap();
+    until(30, "two held runs", || async {
+        count(&pool, "SELECT count(*) FROM runs WHERE status = 'held'").await >= 2
+    })
+    .await;
+    assert_eq!(requests(&server).await, sent, "a held run sent calls");
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(&format!("audience_sync_held{{audience=\"{KEY}\"}} 1")),
+        "{metrics}"
+    );
+
+    // The source recovers: the next tick goes through with no one's help.
+    sqlx::query("INSERT INTO shop_users SELECT * FROM saved")
+        .execute(&pool)
+        .await
+        .unwrap();
+    until(30, "a run after the source recovered", || async {
+        count(
+            &pool,
+            "SELECT count(*) FROM runs WHERE status = 'succeeded'
+                AND id > (SELECT max(id) FROM runs WHERE status = 'held')",
+        )
+        .await
+            >= 1
+    })
+    .await;
+    assert_eq!(requests(&server).await, sent, "nothing had changed");
+
+    // Emptied again, and this time a person releases the removals over the API.
+    sqlx::query("DELETE FROM shop_users")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let held_before = count(&pool, "SELECT count(*) FROM runs WHERE status = 'held'").await;
+    until(30, "the audience held again", || async {
+        count(&pool, "SELECT count(*) FROM runs WHERE status = 'held'").await > held_before
+    })
+    .await;
+    let r = reqwest::Client::new()
+        .post(format!(
+            "{base}/api/audiences/{KEY}/sync?allow_removals=true"
+        ))
+        .bearer_auth("api-s3cret-0123456789")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    until(30, "the released run", || async {
+        count(
+            &pool,
+            "SELECT count(*) FROM runs WHERE trigger = 'api' AND status = 'succeeded' AND removed = 120",
+        )
+        .await
+            == 1
+    })
+    .await;
+    stop(&mut daemon).await;
+    assert_eq!(requests(&server).await, sent + 120);
+    let (_, last) = received(&server).await;
+    assert_eq!(last.values().filter(|v| !**v).count(), 120);
+}

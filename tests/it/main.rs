@@ -8,6 +8,7 @@ mod cli;
 mod daemon;
 mod delivery;
 mod edges;
+mod guard;
 mod ops;
 mod props;
 mod sync;

@@ -524,10 +524,24 @@ async fn triggers_are_off_by_default_and_need_the_bearer_token(pool: PgPool) {
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(
         body,
-        json!({"queued": true, "audience": KEY, "mode": "full_resync"})
+        json!({"queued": true, "audience": KEY, "mode": "full_resync", "allow_removals": false})
     );
     let req = rx.recv().await.unwrap();
-    assert_eq!((req.key.as_str(), req.mode), (KEY, Mode::FullResync));
+    assert_eq!(
+        (req.key.as_str(), req.mode, req.allow_removals),
+        (KEY, Mode::FullResync, false)
+    );
+
+    // A person's release of held removals.
+    let r = post(
+        &format!("/api/audiences/{KEY}/sync?allow_removals=true"),
+        Some("trigger-s3cret"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 202);
+    let req = rx.recv().await.unwrap();
+    assert_eq!((req.mode, req.allow_removals), (Mode::Sync, true));
 
     let r = post(
         &format!("/api/audiences/{KEY}/sync"),
@@ -558,8 +572,9 @@ async fn triggers_are_off_by_default_and_need_the_bearer_token(pool: PgPool) {
     stop.cancel();
 }
 
-#[sqlx::test]
-async fn the_status_page_renders_in_headless_chromium(pool: PgPool) {
+/// The DOM headless Chromium renders for `url`; `None` (test skipped) when Chromium is not
+/// installed outside CI.
+async fn chromium_dom(url: &str) -> Option<String> {
     let Some(browser) = ["chromium", "chromium-browser"].into_iter().find(|b| {
         std::process::Command::new(b)
             .arg("--version")
@@ -571,8 +586,33 @@ async fn the_status_page_renders_in_headless_chromium(pool: PgPool) {
             "chromium is not installed; run scripts/ensure-chromium"
         );
         eprintln!("skipping: chromium not installed (scripts/ensure-chromium installs it)");
-        return;
+        return None;
     };
+    let profile = tempfile::tempdir().unwrap();
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(browser)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--no-first-run",
+                &format!("--user-data-dir={}", profile.path().display()),
+                "--dump-dom",
+                url,
+            ])
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("chromium did not finish within 60 s")
+    .unwrap();
+    Some(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[sqlx::test]
+async fn the_status_page_renders_in_headless_chromium(pool: PgPool) {
     scripted_runs(&pool).await;
     store_definitions(
         &pool,
@@ -587,32 +627,12 @@ async fn the_status_page_renders_in_headless_chromium(pool: PgPool) {
     .await
     .unwrap();
     let (url, stop) = serve(state(&pool)).await;
-    let profile = tempfile::tempdir().unwrap();
-    let out = tokio::time::timeout(
-        Duration::from_secs(60),
-        tokio::process::Command::new(browser)
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-dev-shm-usage",
-                "--no-first-run",
-                &format!("--user-data-dir={}", profile.path().display()),
-                "--dump-dom",
-                &format!("{url}/"),
-            ])
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("chromium did not finish within 60 s")
-    .unwrap();
+    let dom = chromium_dom(&format!("{url}/")).await;
     stop.cancel();
-    let dom = String::from_utf8_lossy(&out.stdout);
+    let Some(dom) = dom else { return };
     assert!(
         dom.contains("audience-sync status"),
-        "chromium rendered no page: {}",
-        String::from_utf8_lossy(&out.stderr)
+        "chromium rendered no page: {dom}"
     );
     // Each audience, by key and name.
     assert!(dom.contains(&format!(r#"data-key="{KEY}""#)));
@@ -629,6 +649,11 @@ async fn the_status_page_renders_in_headless_chromium(pool: PgPool) {
     let row = &row[..row.find("</tr>").unwrap()];
     assert!(row.contains(">7<") && row.contains(">400<") && row.contains("rejected"));
     assert!(row.contains("invalid user"));
+    // The last run ended partial (user 7 held), and the page says so.
+    assert!(
+        dom.contains(r#"class="last-run partial""#),
+        "no partial last run"
+    );
     // Membership over time: the audience with finished runs has a chart line.
     assert!(dom.contains("<polyline"));
     // Recent runs, newest first.
@@ -644,4 +669,53 @@ async fn the_status_page_renders_in_headless_chromium(pool: PgPool) {
     assert!(dom.contains(r#"http-equiv="refresh" content="30""#));
     assert!(!dom.contains("<script") && !dom.contains("src=") && !dom.contains("<link"));
     assert!(!dom.contains(TOKEN));
+}
+
+#[sqlx::test]
+async fn a_held_audience_shows_on_the_page_the_metrics_and_the_views(pool: PgPool) {
+    seed(&pool, 150, 150).await;
+    let a = audience(&pool).await;
+    let w = worker(&pool, &wigzo_ok().await);
+    assert!(sync(&w, &a).await.succeeded());
+    sqlx::query("DELETE FROM shop_users")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(sync(&w, &a).await.status, "held");
+
+    let (held, reason): (bool, Option<String>) =
+        sqlx::query_as("SELECT held, held_reason FROM ops.audience_overview")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(held);
+    let reason = reason.unwrap();
+    assert!(
+        reason.contains("would remove 150 of 150") && reason.contains("--allow-removals"),
+        "{reason}"
+    );
+
+    let (url, stop) = serve(state(&pool)).await;
+    let metrics = reqwest::get(format!("{url}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(&format!("audience_sync_held{{audience=\"{KEY}\"}} 1")),
+        "{metrics}"
+    );
+    let dom = chromium_dom(&format!("{url}/")).await;
+    stop.cancel();
+    let Some(dom) = dom else { return };
+    let row = &dom[dom
+        .find(&format!(r#"data-key="{KEY}""#))
+        .expect("audience row")..];
+    let row = &row[..row.find("</tr>").unwrap()];
+    assert!(row.contains(r#"<span class="held">held</span>"#), "{row}");
+    assert!(
+        row.contains("would remove 150 of 150") && row.contains("--allow-removals"),
+        "{row}"
+    );
 }

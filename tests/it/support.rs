@@ -62,6 +62,7 @@ pub fn def(name: &str, query: &str) -> AudienceDef {
         query: query.into(),
         source_url: None,
         enabled: true,
+        guard: audience_sync::guard::Guard::default(),
     }
 }
 
