@@ -611,6 +611,7 @@ async fn bare_client(
     changes: &[Change],
     expected: i64,
 ) -> Result<f64> {
+    audience_sync::wigzo::install_crypto_provider();
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(CONCURRENCY)
         .timeout(Duration::from_secs(30))

@@ -132,6 +132,35 @@ pub fn parse_schedule(expr: &str) -> Result<cron::Schedule, String> {
     cron::Schedule::from_str(&full).map_err(|e| e.to_string())
 }
 
+/// Prepares every enabled audience's query (nothing runs) so a bad query is refused before
+/// any run starts or anything is stored. An unreachable external source is left to its run
+/// to report.
+pub async fn check_queries(pool: &PgPool, audiences: &[AudienceDef]) -> Result<(), AudienceError> {
+    let mut conn = pool.acquire().await?;
+    for a in audiences.iter().filter(|a| a.enabled) {
+        match &a.source_url {
+            None => {
+                inspect_query(&mut conn, &a.key, &a.query).await?;
+            }
+            Some(url) => {
+                let opts = crate::db::options(url).map_err(|e| AudienceError::Source {
+                    key: a.key.clone(),
+                    message: e.to_string(),
+                })?;
+                match crate::db::dedicated(&opts).await {
+                    Ok(mut src) => {
+                        inspect_query(&mut src, &a.key, &a.query).await?;
+                    }
+                    Err(e) => {
+                        tracing::warn!(audience = %a.key, error = %e, "source database unreachable; its run will fail");
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Column types accepted for `user_id` (sent as their text form).
 const USER_ID_TYPES: &[&str] = &[
     "TEXT", "VARCHAR", "BPCHAR", "NAME", "INT2", "INT4", "INT8", "NUMERIC", "UUID", "CITEXT",

@@ -321,7 +321,7 @@ pub async fn prepare(cfg: &Config) -> Result<(sqlx::PgPool, Vec<Audience>)> {
         );
         return Ok((pool, Vec::new()));
     }
-    check_queries(&pool, cfg).await?;
+    audience::check_queries(&pool, &cfg.audiences).await?;
     let stored = audience::store_definitions(&pool, &cfg.audiences).await?;
     Ok((pool, stored))
 }
@@ -335,34 +335,6 @@ async fn prepare_for_reading(cli: &Cli, cfg: &Config) -> Result<sqlx::PgPool> {
     } else {
         connect(cfg).await
     }
-}
-
-/// Prepares every enabled audience's query (nothing runs) so a bad query is refused before
-/// any run starts. An unreachable external source is left to its run to report.
-pub async fn check_queries(pool: &sqlx::PgPool, cfg: &Config) -> Result<()> {
-    let mut conn = pool
-        .acquire()
-        .await
-        .context("cannot get a database connection")?;
-    for a in cfg.audiences.iter().filter(|a| a.enabled) {
-        match &a.source_url {
-            None => {
-                audience::inspect_query(&mut conn, &a.key, &a.query).await?;
-            }
-            Some(url) => {
-                let opts = crate::db::options(url)?;
-                match crate::db::dedicated(&opts).await {
-                    Ok(mut src) => {
-                        audience::inspect_query(&mut src, &a.key, &a.query).await?;
-                    }
-                    Err(e) => {
-                        tracing::warn!(audience = %a.key, error = %e, "source database unreachable; its run will fail");
-                    }
-                }
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Builds a worker from the config.

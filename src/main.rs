@@ -5,6 +5,7 @@ use clap::Parser;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = audience_sync::cli::Cli::parse();
+    audience_sync::wigzo::install_crypto_provider();
     let quiet = matches!(cli.command, audience_sync::cli::Command::Demo(_));
     audience_sync::telemetry::init(cli.log_format, cli.verbose, quiet);
     match audience_sync::cli::run(cli).await {

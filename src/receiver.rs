@@ -248,6 +248,7 @@ mod tests {
     async fn counts_calls_per_key_and_refuses_a_wrong_token() {
         let r = Receiver::start("tok").await.unwrap();
         assert!(r.base_url().starts_with("http://127.0.0.1:"));
+        crate::wigzo::install_crypto_provider();
         let http = reqwest::Client::new();
         let url = format!("{}{IDENTIFY_PATH}", r.base_url());
         for (user, value) in [("1", true), ("2", true), ("3", false)] {
@@ -289,6 +290,7 @@ mod tests {
     #[tokio::test]
     async fn refuses_missing_token_bad_json_and_missing_user_id() {
         let r = Receiver::start("tok").await.unwrap();
+        crate::wigzo::install_crypto_provider();
         let http = reqwest::Client::new();
         let url = format!("{}{IDENTIFY_PATH}", r.base_url());
 

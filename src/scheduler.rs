@@ -84,7 +84,7 @@ async fn reload(
             "the configuration defines no [[audience]]; set enabled = false on audiences to stop them"
         );
     }
-    crate::cli::check_queries(pool, &cfg).await?;
+    crate::audience::check_queries(pool, &cfg.audiences).await?;
     Ok(crate::audience::store_definitions(pool, &cfg.audiences).await?)
 }
 

@@ -195,6 +195,14 @@ fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
+/// Installs ring as the process's TLS crypto provider. reqwest is built without a provider of
+/// its own, so TLS to Wigzo uses ring, the provider sqlx uses for PostgreSQL, and one crypto
+/// stack is compiled. Every process that builds a `reqwest::Client` calls this first (the
+/// binary does at start; [`WigzoClient::new`] does too); calling it again is a no-op.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// Sends identify calls. Cheap to clone (one connection pool).
 #[derive(Clone)]
 pub struct WigzoClient {
@@ -215,6 +223,7 @@ impl std::fmt::Debug for WigzoClient {
 impl WigzoClient {
     pub fn new(cfg: &WigzoConfig) -> Result<Self, ClientError> {
         let token = cfg.org_token.clone().ok_or(ClientError::NoToken)?;
+        install_crypto_provider();
         let http = reqwest::Client::builder()
             .timeout(cfg.timeout)
             .connect_timeout(cfg.timeout.min(Duration::from_secs(5)))
@@ -541,6 +550,22 @@ mod tests {
         assert_eq!(
             clean,
             "bad: /identify?org_token=[redacted] (token [redacted])"
+        );
+    }
+
+    #[tokio::test]
+    async fn https_works_with_the_one_crypto_provider() {
+        // reqwest has no provider of its own: building a client and making a TLS connection
+        // must find ring installed (a missing provider panics here).
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("https://{}", listener.local_addr().unwrap());
+        drop(listener);
+        let client = WigzoClient::new(&WigzoConfig::new(url, "t")).unwrap();
+        let c = change(None, None);
+        let outcome = client.send(&Identify::new(1, "k", &c)).await;
+        assert!(
+            matches!(&outcome, Outcome::Retry { status: None, error, .. } if error.starts_with("connection failed")),
+            "{outcome:?}"
         );
     }
 

@@ -420,10 +420,7 @@ async fn the_daemon_serves_ops_and_runs_a_resync_asked_for_over_the_api(pool: Pg
     .await;
     let base = format!("http://{addr}");
     assert_eq!(
-        reqwest::get(format!("{base}/healthz"))
-            .await
-            .unwrap()
-            .status(),
+        http_get(format!("{base}/healthz")).await.unwrap().status(),
         200
     );
     until(30, "the initial run", || async {
@@ -436,13 +433,10 @@ async fn the_daemon_serves_ops_and_runs_a_resync_asked_for_over_the_api(pool: Pg
     })
     .await;
     assert_eq!(
-        reqwest::get(format!("{base}/readyz"))
-            .await
-            .unwrap()
-            .status(),
+        http_get(format!("{base}/readyz")).await.unwrap().status(),
         200
     );
-    let r = reqwest::Client::new()
+    let r = http()
         .post(format!("{base}/api/audiences/{KEY}/resync"))
         .bearer_auth("api-s3cret-0123456789")
         .send()
@@ -458,7 +452,7 @@ async fn the_daemon_serves_ops_and_runs_a_resync_asked_for_over_the_api(pool: Pg
             == 1
     })
     .await;
-    let page = reqwest::get(format!("{base}/"))
+    let page = http_get(format!("{base}/"))
         .await
         .unwrap()
         .text()
@@ -520,7 +514,7 @@ async fn a_held_audience_waits_for_its_source_or_a_release_over_the_api(pool: Pg
     })
     .await;
     assert_eq!(requests(&server).await, sent, "a held run sent calls");
-    let metrics = reqwest::get(format!("{base}/metrics"))
+    let metrics = http_get(format!("{base}/metrics"))
         .await
         .unwrap()
         .text()
@@ -558,7 +552,7 @@ async fn a_held_audience_waits_for_its_source_or_a_release_over_the_api(pool: Pg
         count(&pool, "SELECT count(*) FROM runs WHERE status = 'held'").await > held_before
     })
     .await;
-    let r = reqwest::Client::new()
+    let r = http()
         .post(format!(
             "{base}/api/audiences/{KEY}/sync?allow_removals=true"
         ))

@@ -297,7 +297,7 @@ fn parse_metrics(text: &str) -> (HashMap<String, f64>, HashMap<String, String>) 
 async fn metrics_parse_and_match_the_runs_table(pool: PgPool) {
     scripted_runs(&pool).await;
     let (url, stop) = serve(state(&pool)).await;
-    let resp = reqwest::get(format!("{url}/metrics")).await.unwrap();
+    let resp = http_get(format!("{url}/metrics")).await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(
         resp.headers()["content-type"],
@@ -394,7 +394,7 @@ async fn metrics_parse_and_match_the_runs_table(pool: PgPool) {
     )
     .await
     .unwrap();
-    let body = reqwest::get(format!("{url}/metrics"))
+    let body = http_get(format!("{url}/metrics"))
         .await
         .unwrap()
         .text()
@@ -408,7 +408,7 @@ async fn metrics_parse_and_match_the_runs_table(pool: PgPool) {
 
     // A database error is a 500 with a message.
     pool.close().await;
-    let r = reqwest::get(format!("{url}/metrics")).await.unwrap();
+    let r = http_get(format!("{url}/metrics")).await.unwrap();
     assert_eq!(r.status(), 500);
     assert!(r.text().await.unwrap().contains("cannot read metrics"));
     stop.cancel();
@@ -417,7 +417,7 @@ async fn metrics_parse_and_match_the_runs_table(pool: PgPool) {
 #[sqlx::test]
 async fn health_and_readiness(pool: PgPool) {
     let (url, stop) = serve(state(&pool)).await;
-    let get = |p: &str| reqwest::get(format!("{url}{p}"));
+    let get = |p: &str| http_get(format!("{url}{p}"));
     let r = get("/healthz").await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.text().await.unwrap().trim(), "ok");
@@ -454,7 +454,7 @@ async fn health_and_readiness(pool: PgPool) {
 #[sqlx::test]
 async fn triggers_are_off_by_default_and_need_the_bearer_token(pool: PgPool) {
     audience(&pool).await;
-    let http = reqwest::Client::new();
+    let http = http();
     let path = format!("/api/audiences/{KEY}/resync");
 
     // Off (no token configured): 404, even with a token.
@@ -696,7 +696,7 @@ async fn a_held_audience_shows_on_the_page_the_metrics_and_the_views(pool: PgPoo
     );
 
     let (url, stop) = serve(state(&pool)).await;
-    let metrics = reqwest::get(format!("{url}/metrics"))
+    let metrics = http_get(format!("{url}/metrics"))
         .await
         .unwrap()
         .text()

@@ -156,6 +156,18 @@ pub fn sorted_users(calls: &[Value]) -> Vec<String> {
     v
 }
 
+/// An HTTP client for talking to the daemon's ops server, with the process's one TLS crypto
+/// provider installed (reqwest has none of its own).
+pub fn http() -> reqwest::Client {
+    audience_sync::wigzo::install_crypto_provider();
+    reqwest::Client::new()
+}
+
+/// `GET url` with [`http`].
+pub async fn http_get(url: String) -> reqwest::Result<reqwest::Response> {
+    http().get(url).send().await
+}
+
 pub async fn scalar(pool: &PgPool, sql: &'static str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
 }
