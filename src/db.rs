@@ -123,22 +123,29 @@ async fn tcp_ports(conn: &mut PgConnection) -> Result<Option<(u16, u16)>, sqlx::
 }
 
 /// Runs `f` on this process's TCP socket with these local and peer ports; None if there is
-/// none, `f` failed, or the platform has no `/proc/self/fd`.
+/// none, `f` failed, or the platform has no `/proc/self/fd` or `pidfd_getfd` (Linux 5.6; a
+/// seccomp profile may refuse it, and then nothing changes).
+///
+/// Each candidate is looked at through a duplicate of its descriptor that this function owns
+/// (`pidfd_getfd` on our own process), never through a borrowed raw number: a descriptor closed
+/// meanwhile cannot be misused, and one reused meanwhile is only acted on if its ports match
+/// too. Socket options set on the duplicate apply to the socket itself.
 #[cfg(target_os = "linux")]
 fn on_tcp_socket<T>(
     local: u16,
     peer: u16,
     f: impl FnOnce(socket2::SockRef<'_>) -> std::io::Result<T>,
 ) -> Option<T> {
-    use std::os::fd::{BorrowedFd, RawFd};
+    use rustix::process::{PidfdFlags, PidfdGetfdFlags, getpid, pidfd_getfd, pidfd_open};
     let port = |a: std::io::Result<socket2::SockAddr>| {
         a.ok().and_then(|a| a.as_socket()).map(|a| a.port())
     };
+    let me = pidfd_open(getpid(), PidfdFlags::empty()).ok()?;
     for entry in std::fs::read_dir("/proc/self/fd").ok()?.flatten() {
         let Some(fd) = entry
             .file_name()
             .to_str()
-            .and_then(|n| n.parse::<RawFd>().ok())
+            .and_then(|n| n.parse::<i32>().ok())
         else {
             continue;
         };
@@ -147,12 +154,10 @@ fn on_tcp_socket<T>(
         if !is_socket {
             continue;
         }
-        // SAFETY: the descriptor is only borrowed for the calls below (getsockname,
-        // getpeername, getsockopt/setsockopt), none of which closes or keeps it. Should
-        // another thread close it meanwhile, they fail with EBADF, or act on whatever reused
-        // the number once its ports match too; TCP_NODELAY on a TCP socket is harmless.
-        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
-        let sock = socket2::SockRef::from(&fd);
+        let Ok(dup) = pidfd_getfd(&me, fd, PidfdGetfdFlags::empty()) else {
+            continue;
+        };
+        let sock = socket2::SockRef::from(&dup);
         if port(sock.local_addr()) == Some(local) && port(sock.peer_addr()) == Some(peer) {
             return f(sock).ok();
         }

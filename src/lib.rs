@@ -1,3 +1,4 @@
+#![forbid(unsafe_code)]
 //! audience-sync: keeps Wigzo in step with audience membership computed by SQL queries.
 //!
 //! Data path: [`audience`] (definitions) -> [`snapshot`] (capture) -> [`diff`] -> [`outbox`]

@@ -1,3 +1,4 @@
+#![forbid(unsafe_code)]
 //! The `audience-sync` binary: parses the command line and hands over to the library.
 
 use clap::Parser;
