@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::audience::{Audience, parse_schedule};
 use crate::config::{Config, DaemonConfig, EnvOverrides};
 use crate::ops::{OpsState, Trigger, TriggerRequest};
+use crate::run;
 use crate::sync::{Mode, RunOptions, RunReport, Worker};
 
 /// The latest run of an audience, as the scheduler needs it.
@@ -203,7 +204,7 @@ pub async fn run(
             }
             let opts = RunOptions {
                 dry_run: false,
-                trigger: "schedule",
+                trigger: run::Trigger::Schedule,
                 skip_if_busy: true,
                 expect_last_run: Some(last.as_ref().map(|l| (l.id, l.status.clone()))),
                 // A held audience is tried again at its tick; only a person releases it.
@@ -234,7 +235,7 @@ pub async fn run(
                 match scheduled.iter().find(|s| s.audience.def.key == req.key) {
                     Some(s) if !running.contains_key(&req.key) => {
                         tracing::info!(audience = %req.key, mode = ?req.mode, "run requested over the ops API");
-                        let opts = RunOptions { trigger: "api", allow_removals: req.allow_removals, ..RunOptions::manual(false) };
+                        let opts = RunOptions { trigger: run::Trigger::Api, allow_removals: req.allow_removals, ..RunOptions::manual(false) };
                         let handle = spawn_run(&mut tasks, &worker, s.audience.clone(), req.mode, opts);
                         running.insert(req.key.clone(), handle);
                     }

@@ -1,38 +1,107 @@
-//! A sync run of one audience, start to finish: take the audience's lock, record the run,
-//! capture, diff into the outbox, deliver, and record the outcome.
+//! A sync run of one audience, start to finish, as a sequence of named steps: lock the
+//! audience, record the run, capture the query, guard and diff into the outbox, deliver, and
+//! record the outcome before the lock is released. How a run can end is `RunError`.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use serde_json::Value;
-use sqlx::PgPool;
 use sqlx::postgres::PgConnectOptions;
+use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 
 use crate::audience::{Audience, db_message};
 use crate::config::WigzoConfig;
-use crate::delivery::{self, Target};
-use crate::diff;
+use crate::delivery::{self, DeliveryReport, Halt, Target};
+use crate::diff::{self, DiffCounts};
 use crate::guard;
+use crate::lock::AudienceLock;
 use crate::outbox;
+use crate::run::{self, Counts, RunKind, RunStatus, Trigger};
 use crate::snapshot;
 use crate::wigzo::{WigzoClient, identify_payload};
 
-/// First key of the two-key advisory lock that makes runs of one audience exclusive.
-const LOCK_CLASS: i32 = 0x4153_4e43;
 /// How often a delivering run checks that it still holds its audience lock.
-const LOCK_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
-/// How long that check may take: a lock session that does not answer (a half-open
-/// connection, a hung server) is treated as lost, and the run stops claiming.
-const LOCK_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+const LOCK_CHECK: Duration = Duration::from_secs(1);
 
+/// What a run is asked to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     /// Initial or incremental, as due.
     Sync,
     /// Re-send every member, and `false` for confirmed members who left.
     FullResync,
+}
+
+/// The ways a run ends without delivering everything (other than `partial` and `held`, which
+/// are outcomes, not errors).
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Another process holds the audience's lock.
+    #[error(
+        "audience {key:?} is already being synced by another process{holder}; nothing was sent by this one"
+    )]
+    Busy {
+        /// The audience.
+        key: String,
+        /// " (owner)" of the run holding it, when known.
+        holder: String,
+    },
+    /// The lock could not be taken (no connection).
+    #[error(transparent)]
+    Lock(#[from] crate::lock::LockError),
+    /// A bookkeeping statement failed.
+    #[error("{}", db_message(.0))]
+    Db(#[from] sqlx::Error),
+    /// The query could not be read.
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::SnapshotError),
+    /// The diff could not be written.
+    #[error(transparent)]
+    Diff(#[from] diff::DiffError),
+    /// Results could not be recorded during delivery.
+    #[error(transparent)]
+    Delivery(#[from] delivery::DeliveryError),
+    /// An answer showed the configuration is wrong (token, redirect, endpoint).
+    #[error(
+        "{halt}. Nothing unconfirmed was lost: the run stopped at once and its {owed} unconfirmed changes stay pending"
+    )]
+    Halted {
+        /// What Wigzo answered.
+        halt: Halt,
+        /// Changes still owed.
+        owed: u64,
+    },
+    /// The lock's session ended or stopped answering during delivery.
+    #[error(
+        "lost the lock on audience {key:?} when its database session ended or stopped answering (restart, failover, network?); {confirmed} changes were confirmed, the rest stay pending for the next run"
+    )]
+    LockLost {
+        /// The audience.
+        key: String,
+        /// Changes confirmed before it stopped.
+        confirmed: u64,
+    },
+    /// Shutdown (SIGTERM, Ctrl-C) stopped delivery.
+    #[error("run was interrupted; unsent changes stay pending for the next run")]
+    Interrupted,
+    /// Changes ran out of retries (5xx, timeouts).
+    #[error(
+        "{failed} of {total} changes were not delivered ({rejected} rejected by Wigzo, {out_of_retries} out of retries; last error: {last_error}); they stay in the outbox and are retried by the next run"
+    )]
+    Undelivered {
+        /// Not delivered in this run.
+        failed: u64,
+        /// Changes the diff wrote.
+        total: i64,
+        /// Of `failed`, rejected.
+        rejected: u64,
+        /// Of `failed`, out of retries.
+        out_of_retries: u64,
+        /// The last error seen.
+        last_error: String,
+    },
 }
 
 /// What the worker needs to run syncs.
@@ -56,8 +125,8 @@ pub struct Worker {
 #[derive(Debug, Clone)]
 pub struct RunOptions {
     pub dry_run: bool,
-    /// Recorded in `runs.trigger`: `manual`, `schedule` or `api`.
-    pub trigger: &'static str,
+    /// Recorded in `runs.trigger`.
+    pub trigger: Trigger,
     /// Skip (no report) instead of failing when another process holds the audience.
     pub skip_if_busy: bool,
     /// Skip unless the audience's latest run is still this one, with this status (None: it
@@ -74,7 +143,7 @@ impl RunOptions {
     pub fn manual(dry_run: bool) -> Self {
         Self {
             dry_run,
-            trigger: "manual",
+            trigger: Trigger::Manual,
             skip_if_busy: false,
             expect_last_run: None,
             allow_removals: false,
@@ -87,8 +156,8 @@ impl RunOptions {
 pub struct RunReport {
     pub audience: String,
     pub run_id: Option<i64>,
-    pub kind: &'static str,
-    pub status: &'static str,
+    pub kind: RunKind,
+    pub status: RunStatus,
     pub dry_run: bool,
     pub members: i64,
     pub added: i64,
@@ -114,8 +183,9 @@ pub struct RunReport {
 }
 
 impl RunReport {
+    /// Whether every change was confirmed.
     pub fn succeeded(&self) -> bool {
-        self.status == "succeeded"
+        self.status == RunStatus::Succeeded
     }
 
     fn captured(&mut self, captured: snapshot::Captured) {
@@ -123,6 +193,20 @@ impl RunReport {
         self.skipped_rows = captured.skipped_rows;
         if captured.skipped_rows > 0 {
             tracing::warn!(audience = %self.audience, skipped_rows = captured.skipped_rows, "rows with an empty, NULL or over-long user_id were skipped");
+        }
+    }
+
+    fn diffed(&mut self, counts: DiffCounts) {
+        self.added = counts.added;
+        self.removed = counts.removed;
+    }
+
+    fn counts(&self) -> Counts {
+        Counts {
+            members: self.members,
+            added: self.added,
+            removed: self.removed,
+            skipped_rows: self.skipped_rows,
         }
     }
 }
@@ -178,18 +262,16 @@ impl Worker {
         mode: Mode,
         opts: RunOptions,
     ) -> Option<RunReport> {
-        let dry_run = opts.dry_run;
         let started = Instant::now();
         let mut report = RunReport {
             audience: audience.def.key.clone(),
             run_id: None,
-            kind: if mode == Mode::FullResync {
-                "full_resync"
-            } else {
-                "incremental"
+            kind: match mode {
+                Mode::FullResync => RunKind::FullResync,
+                Mode::Sync => RunKind::Incremental,
             },
-            status: "failed",
-            dry_run,
+            status: RunStatus::Failed,
+            dry_run: opts.dry_run,
             members: 0,
             added: 0,
             removed: 0,
@@ -204,8 +286,8 @@ impl Worker {
             would_hold: false,
             sample: Vec::new(),
         };
-        // The audience lock's connection, kept until the run's end is recorded: another
-        // replica that takes the lock must find the run finished, not `running`.
+        // The audience lock, kept until the run's end is recorded: another replica that takes
+        // the lock must find the run finished, not `running`.
         let mut lock = None;
         match self
             .run_inner(audience, mode, &opts, &mut report, &mut lock)
@@ -214,72 +296,200 @@ impl Worker {
             Ok(true) => {}
             Ok(false) => return None,
             Err(e) => {
-                report.status = "failed";
-                report.error = Some(e);
+                report.status = RunStatus::Failed;
+                report.error = Some(e.to_string());
             }
         }
         report.duration_ms = started.elapsed().as_millis() as u64;
-        // A run stopped by shutdown is recorded as abandoned: the next worker resumes it at
-        // once instead of treating it as a failure to back off from.
-        let recorded_status = if report.status == "failed" && self.cancel.is_cancelled() {
-            "abandoned"
-        } else {
-            report.status
-        };
-        if let Some(run_id) = report.run_id {
-            // A full resync that delivered everything it could clears the audience's
-            // resync mark in the same statement.
-            let saved = sqlx::query(
-                "WITH r AS (
-                    UPDATE runs SET status = $2, finished_at = now(), members = $3, added = $4,
-                           removed = $5, sent = $6, failed = $7, retried = $8, skipped_rows = $9,
-                           error = $10
-                     WHERE id = $1
-                 RETURNING audience_id, kind, status)
-                 UPDATE audiences a SET resync_pending = false
-                   FROM r
-                  WHERE a.id = r.audience_id AND r.kind = 'full_resync'
-                    AND r.status IN ('succeeded', 'partial')",
-            )
-            .bind(run_id)
-            .bind(recorded_status)
-            .bind(report.members)
-            .bind(report.added)
-            .bind(report.removed)
-            .bind(report.sent as i64)
-            .bind(report.failed as i64)
-            .bind(report.retried as i64)
-            .bind(report.skipped_rows)
-            .bind(&report.error)
-            .execute(&self.pool)
-            .await;
-            if let Err(e) = saved {
-                tracing::error!(run_id, error = %e, "cannot record the end of a run; the next run of this audience will mark it abandoned");
-            }
-        }
+        self.record_end(&report).await;
         // Only now is the audience free for another run.
         drop(lock);
-        match report.status {
-            "succeeded" => {
-                tracing::info!(audience = %report.audience, run_id = ?report.run_id, kind = report.kind, members = report.members, added = report.added, removed = report.removed, sent = report.sent, duration_ms = report.duration_ms, dry_run, "run succeeded")
-            }
-            status => {
-                tracing::warn!(audience = %report.audience, run_id = ?report.run_id, kind = report.kind, status, sent = report.sent, failed = report.failed, rejected = report.rejected, error = report.error.as_deref().unwrap_or(""), "run did not deliver everything")
-            }
-        }
+        self.log_end(&report);
         Some(report)
+    }
+
+    /// The run, step by step; `Ok(false)`: skipped as `opts` asked, nothing recorded.
+    async fn run_inner(
+        &self,
+        audience: &Audience,
+        mode: Mode,
+        opts: &RunOptions,
+        report: &mut RunReport,
+        lock: &mut Option<AudienceLock>,
+    ) -> Result<bool, RunError> {
+        let Some(held) = self.lock(audience, opts).await? else {
+            return Ok(false);
+        };
+        let lock = lock.insert(held);
+        if let Some(expected) = &opts.expect_last_run
+            && &run::latest(&self.pool, audience.id).await? != expected
+        {
+            return Ok(false);
+        }
+        // We hold the lock, so any run still marked running lost its owner.
+        run::mark_abandoned(&self.pool, audience.id).await?;
+        let mode = self.plan(audience, mode, report).await?;
+        if !opts.dry_run {
+            report.run_id = Some(
+                run::start(
+                    &self.pool,
+                    audience.id,
+                    report.kind,
+                    &self.owner,
+                    opts.trigger,
+                )
+                .await?,
+            );
+        }
+        tracing::info!(audience = %audience.def.key, run_id = ?report.run_id, kind = %report.kind, dry_run = opts.dry_run, "run started");
+
+        let reader = snapshot::Reader::open(
+            lock.conn(),
+            &self.pool,
+            &audience.def.key,
+            &audience.def.query,
+            audience.def.source_url.as_ref(),
+            self.statement_timeout,
+        )
+        .await?;
+        let full = mode == Mode::FullResync;
+        let Some(run_id) = report.run_id else {
+            self.preview(lock.conn(), reader, audience, full, opts, report)
+                .await?;
+            return Ok(true);
+        };
+        if !self
+            .capture_and_diff(lock.conn(), reader, audience, run_id, full, opts, report)
+            .await?
+        {
+            return Ok(true);
+        }
+        run::record_counts(&self.pool, run_id, report.counts()).await?;
+        let d = self.deliver(lock, audience, report).await?;
+        self.outcome(audience, d, report).await?;
+        Ok(true)
+    }
+
+    /// Takes the audience's lock: `None` to skip quietly (busy, when `opts` says so).
+    async fn lock(
+        &self,
+        audience: &Audience,
+        opts: &RunOptions,
+    ) -> Result<Option<AudienceLock>, RunError> {
+        match AudienceLock::try_acquire(&self.connect, audience.id).await? {
+            Some(lock) => Ok(Some(lock)),
+            None if opts.skip_if_busy => Ok(None),
+            None => Err(RunError::Busy {
+                key: audience.def.key.clone(),
+                holder: run::running_owner(&self.pool, audience.id)
+                    .await
+                    .map(|h| format!(" ({h})"))
+                    .unwrap_or_default(),
+            }),
+        }
+    }
+
+    /// The run's kind: a full resync stopped part-way is finished as one, whatever run comes
+    /// next; otherwise initial until the audience has synced, then incremental.
+    async fn plan(
+        &self,
+        audience: &Audience,
+        mode: Mode,
+        report: &mut RunReport,
+    ) -> Result<Mode, RunError> {
+        let mode = if run::resync_pending(&self.pool, audience.id).await? {
+            Mode::FullResync
+        } else {
+            mode
+        };
+        report.kind = match mode {
+            Mode::FullResync => RunKind::FullResync,
+            Mode::Sync if run::never_synced(&self.pool, audience.id).await? => RunKind::Initial,
+            Mode::Sync => RunKind::Incremental,
+        };
+        Ok(mode)
+    }
+
+    /// A dry run: capture, guard and preview; nothing is written.
+    async fn preview(
+        &self,
+        conn: &mut PgConnection,
+        reader: snapshot::Reader,
+        audience: &Audience,
+        full: bool,
+        opts: &RunOptions,
+        report: &mut RunReport,
+    ) -> Result<(), RunError> {
+        let captured = snapshot::capture(conn, reader).await?;
+        report.captured(captured);
+        if !opts.allow_removals {
+            report.held_reason = self.guard_verdict(conn, audience, captured).await?;
+            report.would_hold = report.held_reason.is_some();
+        }
+        let (counts, sample) = diff::preview(conn, audience.id, full, 3).await?;
+        report.diffed(counts);
+        report.sample = sample
+            .iter()
+            .map(|c| identify_payload(audience.id, &audience.def.key, c))
+            .collect();
+        report.status = RunStatus::Succeeded;
+        Ok(())
+    }
+
+    /// Captures the query and writes the diff to the outbox (a first sync streams straight
+    /// into the audience's new partition). Returns false when the removal guard held the run:
+    /// then nothing was written, and the report says why.
+    #[allow(clippy::too_many_arguments)]
+    async fn capture_and_diff(
+        &self,
+        conn: &mut PgConnection,
+        reader: snapshot::Reader,
+        audience: &Audience,
+        run_id: i64,
+        full: bool,
+        opts: &RunOptions,
+        report: &mut RunReport,
+    ) -> Result<bool, RunError> {
+        if diff::is_first_sync(conn, audience.id).await? {
+            let (captured, counts) = diff::first_sync(conn, reader, audience.id, run_id).await?;
+            report.captured(captured);
+            report.diffed(counts);
+            return Ok(true);
+        }
+        let captured = snapshot::capture(conn, reader).await?;
+        report.captured(captured);
+        if !opts.allow_removals
+            && let Some(reason) = self.guard_verdict(conn, audience, captured).await?
+        {
+            // Nothing is written or sent; the counts say what would have been.
+            let (counts, _) = diff::preview(conn, audience.id, full, 0).await?;
+            report.diffed(counts);
+            let command = if full { "resync" } else { "sync" };
+            report.error = Some(format!(
+                "held: {reason}. Fix the query, or send it anyway with \"audience-sync {command} --audience {} --allow-removals\"",
+                audience.def.key
+            ));
+            report.held_reason = Some(reason);
+            report.status = RunStatus::Held;
+            return Ok(false);
+        }
+        let counts = diff::write_outbox(conn, audience.id, run_id, full).await?;
+        report.diffed(counts);
+        // The capture is no longer needed; free it before a long delivery.
+        let _ = sqlx::query("DROP TABLE IF EXISTS pg_temp.audience_capture")
+            .execute(&mut *conn)
+            .await;
+        Ok(true)
     }
 
     /// The removal guard's reason to hold this run, given its captured snapshot.
     async fn guard_verdict(
         &self,
-        conn: &mut sqlx::PgConnection,
+        conn: &mut PgConnection,
         audience: &Audience,
         captured: snapshot::Captured,
-    ) -> Result<Option<String>, String> {
-        let (confirmed, removing) = guard::measure(conn, audience.id)
-            .await
-            .map_err(|e| db_message(&e))?;
+    ) -> Result<Option<String>, RunError> {
+        let (confirmed, removing) = guard::measure(conn, audience.id).await?;
         let verdict = audience.def.guard.verdict(&guard::Seen {
             confirmed,
             removing,
@@ -292,210 +502,22 @@ impl Worker {
         Ok(verdict)
     }
 
-    /// `Ok(false)`: skipped as `opts` asked, nothing recorded.
-    async fn run_inner(
+    /// Delivers the audience's pending changes while checking, every [`LOCK_CHECK`], that the
+    /// lock's session still answers: if it ends (restart, failover, terminated backend) or
+    /// hangs, another worker may take the audience, so delivery stops claiming.
+    async fn deliver(
         &self,
+        lock: &mut AudienceLock,
         audience: &Audience,
-        mode: Mode,
-        opts: &RunOptions,
         report: &mut RunReport,
-        lock: &mut Option<sqlx::PgConnection>,
-    ) -> Result<bool, String> {
-        let dry_run = opts.dry_run;
+    ) -> Result<DeliveryReport, RunError> {
         let key = &audience.def.key;
-        let conn = lock.insert(
-            crate::db::dedicated(&self.connect)
-                .await
-                .map_err(|e| e.to_string())?,
-        );
-        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2::int)")
-            .bind(LOCK_CLASS)
-            .bind(audience.id as i32)
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(|e| db_message(&e))?;
-        if !locked && opts.skip_if_busy {
-            return Ok(false);
-        }
-        if !locked {
-            let holder: Option<String> = sqlx::query_scalar(
-                "SELECT owner FROM runs WHERE audience_id = $1 AND status = 'running'
-                  ORDER BY id DESC LIMIT 1",
-            )
-            .bind(audience.id)
-            .fetch_optional(&self.pool)
-            .await
-            .ok()
-            .flatten();
-            return Err(format!(
-                "audience {key:?} is already being synced by another process{}; nothing was sent by this one",
-                holder.map(|h| format!(" ({h})")).unwrap_or_default()
-            ));
-        }
-        if let Some(expected) = &opts.expect_last_run {
-            let last: Option<(i64, String)> = sqlx::query_as(
-                "SELECT id, status FROM runs WHERE audience_id = $1 ORDER BY id DESC LIMIT 1",
-            )
-            .bind(audience.id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(|e| db_message(&e))?;
-            if &last != expected {
-                return Ok(false);
-            }
-        }
-        // We hold the lock, so any run still marked running lost its owner.
-        sqlx::query(
-            "UPDATE runs SET status = 'abandoned', finished_at = now(),
-                    error = COALESCE(error, 'the process running it stopped before it finished')
-              WHERE audience_id = $1 AND status = 'running'",
-        )
-        .bind(audience.id)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| db_message(&e))?;
-
-        // A full resync stopped part-way is finished as one, whatever run comes next.
-        let resync_pending: bool =
-            sqlx::query_scalar("SELECT resync_pending FROM audiences WHERE id = $1")
-                .bind(audience.id)
-                .fetch_one(&self.pool)
-                .await
-                .map_err(|e| db_message(&e))?;
-        let mode = if resync_pending {
-            report.kind = "full_resync";
-            Mode::FullResync
-        } else {
-            mode
-        };
-        if mode == Mode::Sync {
-            let initial: bool = sqlx::query_scalar(
-                "SELECT NOT EXISTS (SELECT 1 FROM runs WHERE audience_id = $1 AND status = 'succeeded')
-                    AND NOT EXISTS (SELECT 1 FROM synced_members WHERE audience_id = $1)",
-            )
-            .bind(audience.id)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(|e| db_message(&e))?;
-            report.kind = if initial { "initial" } else { "incremental" };
-        }
-        if !dry_run {
-            // The resync mark goes down with the run row: from here on, until a full resync
-            // ends, every run of the audience is one.
-            let run_id: i64 = sqlx::query_scalar(
-                "WITH mark AS (
-                    UPDATE audiences SET resync_pending = true
-                     WHERE id = $1 AND $2 = 'full_resync' AND NOT resync_pending)
-                 INSERT INTO runs (audience_id, kind, status, owner, trigger)
-                 VALUES ($1, $2, 'running', $3, $4)
-                 RETURNING id",
-            )
-            .bind(audience.id)
-            .bind(report.kind)
-            .bind(&self.owner)
-            .bind(opts.trigger)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(|e| db_message(&e))?;
-            report.run_id = Some(run_id);
-        }
-        tracing::info!(audience = %key, run_id = ?report.run_id, kind = report.kind, dry_run, "run started");
-
-        let reader = snapshot::Reader::open(
-            &mut *conn,
-            &self.pool,
-            key,
-            &audience.def.query,
-            audience.def.source_url.as_ref(),
-            self.statement_timeout,
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-        let full = mode == Mode::FullResync;
-        let Some(run_id) = report.run_id else {
-            // A dry run: capture and preview; nothing is written.
-            let captured = snapshot::capture(&mut *conn, reader)
-                .await
-                .map_err(|e| e.to_string())?;
-            report.captured(captured);
-            if !opts.allow_removals {
-                report.held_reason = self.guard_verdict(&mut *conn, audience, captured).await?;
-                report.would_hold = report.held_reason.is_some();
-            }
-            let (counts, sample) = diff::preview(&mut *conn, audience.id, full, 3)
-                .await
-                .map_err(|e| db_message(&e))?;
-            report.added = counts.added;
-            report.removed = counts.removed;
-            report.sample = sample
-                .iter()
-                .map(|c| identify_payload(audience.id, key, c))
-                .collect();
-            report.status = "succeeded";
-            return Ok(true);
-        };
-        let first = diff::is_first_sync(&mut *conn, audience.id)
-            .await
-            .map_err(|e| db_message(&e))?;
-        let (captured, counts) = if first {
-            diff::first_sync(&mut *conn, reader, audience.id, run_id)
-                .await
-                .map_err(|e| e.to_string())?
-        } else {
-            let captured = snapshot::capture(&mut *conn, reader)
-                .await
-                .map_err(|e| e.to_string())?;
-            if !opts.allow_removals
-                && let Some(reason) = self.guard_verdict(&mut *conn, audience, captured).await?
-            {
-                // Nothing is written or sent; the counts say what would have been.
-                let (counts, _) = diff::preview(&mut *conn, audience.id, full, 0)
-                    .await
-                    .map_err(|e| db_message(&e))?;
-                report.captured(captured);
-                report.added = counts.added;
-                report.removed = counts.removed;
-                let command = if full { "resync" } else { "sync" };
-                report.error = Some(format!(
-                    "held: {reason}. Fix the query, or send it anyway with \"audience-sync {command} --audience {key} --allow-removals\""
-                ));
-                report.held_reason = Some(reason);
-                report.status = "held";
-                return Ok(true);
-            }
-            let counts = diff::write_outbox(&mut *conn, audience.id, run_id, full)
-                .await
-                .map_err(|e| e.to_string())?;
-            (captured, counts)
-        };
-        report.captured(captured);
-        report.added = counts.added;
-        report.removed = counts.removed;
-        sqlx::query(
-            "UPDATE runs SET members = $2, added = $3, removed = $4, skipped_rows = $5 WHERE id = $1",
-        )
-        .bind(run_id)
-        .bind(report.members)
-        .bind(report.added)
-        .bind(report.removed)
-        .bind(report.skipped_rows)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| db_message(&e))?;
-        // The capture is no longer needed; free it before a long delivery.
-        let _ = sqlx::query("DROP TABLE IF EXISTS pg_temp.audience_capture")
-            .execute(&mut *conn)
-            .await;
-
         let progress = self.progress_bar(audience.id, key).await;
         let target = Target {
             audience_id: audience.id,
             key: key.clone(),
             progress: progress.clone(),
         };
-        // The audience lock lives on `conn`: if that session ends (database restart,
-        // failover, terminated backend) the lock is gone and another worker may take the
-        // audience, so delivery stops claiming. Checked every LOCK_CHECK while calls go on.
         let run_cancel = self.cancel.child_token();
         let mut lock_lost = false;
         let d = {
@@ -514,67 +536,103 @@ impl Worker {
                 tokio::select! {
                     r = &mut deliver => break r,
                     _ = check.tick(), if !lock_lost => {
-                        let alive = tokio::time::timeout(
-                            LOCK_CHECK_TIMEOUT,
-                            sqlx::query("SELECT 1").execute(&mut *conn),
-                        )
-                        .await;
-                        if !matches!(alive, Ok(Ok(_))) {
-                            tracing::warn!(audience = %key, timed_out = alive.is_err(), "lost the audience lock (its database session ended or stopped answering); stopping delivery");
+                        if !lock.still_held().await {
+                            tracing::warn!(audience = %key, "lost the audience lock (its database session ended or stopped answering); stopping delivery");
                             lock_lost = true;
                             run_cancel.cancel();
                         }
                     }
                 }
             }
-        }
-        .map_err(|e| e.to_string())?;
+        }?;
         progress.finish_and_clear();
         report.sent = d.sent;
         report.failed = d.failed;
         report.retried = d.retried;
-        let owed = ((report.added + report.removed) as u64).saturating_sub(d.sent);
-
-        if let Some(halt) = d.halted {
-            return Err(format!(
-                "{halt}. Nothing unconfirmed was lost: the run stopped at once and its {owed} unconfirmed changes stay pending"
-            ));
-        }
         if lock_lost {
-            return Err(format!(
-                "lost the lock on audience {key:?} when its database session ended or stopped answering (restart, failover, network?); {} changes were confirmed, the rest stay pending for the next run",
-                d.sent
-            ));
+            return Err(RunError::LockLost {
+                key: key.clone(),
+                confirmed: d.sent,
+            });
+        }
+        Ok(d)
+    }
+
+    /// What the delivery came to: an error, `partial` (only rejected changes are left, held),
+    /// or `succeeded`.
+    async fn outcome(
+        &self,
+        audience: &Audience,
+        d: DeliveryReport,
+        report: &mut RunReport,
+    ) -> Result<(), RunError> {
+        let total = report.added + report.removed;
+        if let Some(halt) = d.halted {
+            return Err(RunError::Halted {
+                halt,
+                owed: (total as u64).saturating_sub(d.sent),
+            });
         }
         if d.cancelled {
-            return Err("run was interrupted; unsent changes stay pending for the next run".into());
+            return Err(RunError::Interrupted);
         }
         let out_of_retries = d.failed - d.rejected;
         if out_of_retries > 0 {
-            return Err(format!(
-                "{} of {} changes were not delivered ({} rejected by Wigzo, {out_of_retries} out of retries; last error: {}); they stay in the outbox and are retried by the next run",
-                d.failed,
-                report.added + report.removed,
-                d.rejected,
-                d.last_error.as_deref().unwrap_or("none")
-            ));
+            return Err(RunError::Undelivered {
+                failed: d.failed,
+                total,
+                rejected: d.rejected,
+                out_of_retries,
+                last_error: d.last_error.unwrap_or_else(|| "none".into()),
+            });
         }
-        report.rejected = outbox::rejected_count(&self.pool, audience.id)
-            .await
-            .map_err(|e| db_message(&e))?;
+        report.rejected = outbox::rejected_count(&self.pool, audience.id).await?;
         if report.rejected > 0 {
             // Everything else is confirmed. Re-running the audience would not change Wigzo's
             // answer, so the run ends partial and the audience waits for its next tick.
-            report.status = "partial";
+            report.status = RunStatus::Partial;
             report.error = Some(format!(
-                "{} changes are held because Wigzo rejected them ({} in this run; last error: {}); they are sent again when the user's value or contact fields change, by a full resync, or by `audience-sync retry --audience {key}`",
+                "{} changes are held because Wigzo rejected them ({} in this run; last error: {}); they are sent again when the user's value or contact fields change, by a full resync, or by `audience-sync retry --audience {}`",
                 report.rejected,
                 d.rejected,
-                d.last_error.as_deref().unwrap_or("see ops.failed_changes")
+                d.last_error.as_deref().unwrap_or("see ops.failed_changes"),
+                audience.def.key
             ));
-            return Ok(true);
+            return Ok(());
         }
-        report.status = "succeeded";
-        Ok(true)
+        report.status = RunStatus::Succeeded;
+        Ok(())
+    }
+
+    /// Writes the run's end. A run stopped by shutdown is recorded as abandoned: the next
+    /// worker resumes it at once instead of treating it as a failure to back off from.
+    async fn record_end(&self, report: &RunReport) {
+        let Some(run_id) = report.run_id else {
+            return;
+        };
+        let status = if report.status == RunStatus::Failed && self.cancel.is_cancelled() {
+            RunStatus::Abandoned
+        } else {
+            report.status
+        };
+        let finish = run::Finish {
+            status,
+            counts: report.counts(),
+            sent: report.sent,
+            failed: report.failed,
+            retried: report.retried,
+            error: report.error.as_deref(),
+        };
+        if let Err(e) = run::finish(&self.pool, run_id, &finish).await {
+            tracing::error!(run_id, error = %e, "cannot record the end of a run; the next run of this audience will mark it abandoned");
+        }
+    }
+
+    fn log_end(&self, r: &RunReport) {
+        if r.succeeded() {
+            tracing::info!(audience = %r.audience, run_id = ?r.run_id, kind = %r.kind, members = r.members, added = r.added, removed = r.removed, sent = r.sent, duration_ms = r.duration_ms, dry_run = r.dry_run, "run succeeded");
+        } else {
+            tracing::warn!(audience = %r.audience, run_id = ?r.run_id, kind = %r.kind, status = %r.status, sent = r.sent, failed = r.failed, rejected = r.rejected, error = r.error.as_deref().unwrap_or(""), "run did not deliver everything");
+        }
     }
 }

@@ -63,7 +63,7 @@ async fn a_query_that_writes_is_refused_and_changes_nothing(pool: PgPool) {
         "SELECT id AS user_id FROM shop_users WHERE pg_catalog.nextval('runs_id_seq') > 0",
     )
     .await;
-    assert_eq!(r.status, "failed");
+    assert_eq!(r.status.as_str(), "failed");
     assert!(
         r.error
             .as_deref()
@@ -91,7 +91,7 @@ async fn a_query_that_runs_too_long_hits_the_statement_timeout(pool: PgPool) {
     let mut w = worker(&pool, &server);
     w.statement_timeout = std::time::Duration::from_millis(300);
     let r = w.run(&a, Mode::Sync, false).await;
-    assert_eq!(r.status, "failed");
+    assert_eq!(r.status.as_str(), "failed");
     assert!(
         r.error.as_deref().unwrap().contains("statement timeout"),
         "{r:?}"
@@ -159,7 +159,7 @@ async fn a_failing_query_fails_its_run_only_and_keeps_confirmed_state(pool: PgPo
         .await
         .unwrap();
     let r = sync(&worker(&pool, &server), &a).await;
-    assert_eq!(r.status, "failed");
+    assert_eq!(r.status.as_str(), "failed");
     assert!(r.error.as_deref().unwrap().contains("shop_users"), "{r:?}");
     assert_eq!(
         scalar(&pool, "SELECT count(*) FROM synced_members WHERE member").await,
@@ -291,7 +291,7 @@ async fn hostile_queries_fail_their_run_and_change_nothing_stored(pool: PgPool) 
             .remove(0);
         assert_eq!(hostile.id, a.id);
         let r = sync(&w, &hostile).await;
-        assert_eq!(r.status, "failed", "{query}: {r:?}");
+        assert_eq!(r.status.as_str(), "failed", "{query}: {r:?}");
         let err = r.error.clone().unwrap();
         assert!(
             err.contains(want) && err.contains(KEY),

@@ -55,7 +55,7 @@ async fn each_message_id_names_one_change_through_unconfirmed_flip_flops(pool: P
     for member in [false, true, false] {
         set_members(&pool, &[1], member).await;
         let r = sync(&w, &a).await;
-        assert_eq!((r.status, r.sent), ("failed", 0), "{r:?}");
+        assert_eq!((r.status.as_str(), r.sent), ("failed", 0), "{r:?}");
     }
     let sent = calls(&down).await;
     assert_eq!(sent.len(), 6, "three changes, two attempts each");
@@ -124,7 +124,7 @@ async fn an_interrupted_full_resync_is_finished_as_a_full_resync(pool: PgPool) {
         .run(&a, Mode::FullResync, false)
         .await;
     assert_eq!(
-        (r.kind, r.status, r.sent),
+        (r.kind.as_str(), r.status.as_str(), r.sent),
         ("full_resync", "failed", 1),
         "{r:?}"
     );
@@ -134,7 +134,11 @@ async fn an_interrupted_full_resync_is_finished_as_a_full_resync(pool: PgPool) {
     let ok = wigzo_ok().await;
     let w = worker(&pool, &ok);
     let r = sync(&w, &a).await;
-    assert_eq!((r.kind, r.status), ("full_resync", "succeeded"), "{r:?}");
+    assert_eq!(
+        (r.kind.as_str(), r.status.as_str()),
+        ("full_resync", "succeeded"),
+        "{r:?}"
+    );
     assert_eq!(sorted_users(&calls(&ok).await), ids(1..=49));
     assert_eq!(
         last_values(&ok, KEY).await.values().filter(|v| **v).count(),
@@ -143,7 +147,7 @@ async fn an_interrupted_full_resync_is_finished_as_a_full_resync(pool: PgPool) {
     // Done: the next run is an ordinary incremental one with nothing to send.
     let r = sync(&w, &a).await;
     assert_eq!(
-        (r.kind, r.status, r.sent),
+        (r.kind.as_str(), r.status.as_str(), r.sent),
         ("incremental", "succeeded", 0),
         "{r:?}"
     );
@@ -169,7 +173,7 @@ async fn a_redirect_is_never_followed_and_confirms_nothing(pool: PgPool) {
         .mount(&server)
         .await;
     let r = sync(&worker(&pool, &server), &a).await;
-    assert_eq!((r.status, r.sent), ("failed", 0), "{r:?}");
+    assert_eq!((r.status.as_str(), r.sent), ("failed", 0), "{r:?}");
     let err = r.error.unwrap();
     assert!(
         err.contains("redirect") && err.contains("301") && err.contains("host localhost"),
@@ -204,7 +208,11 @@ async fn a_wrong_endpoint_stops_the_run_instead_of_rejecting_every_change(pool: 
     let a = audience(&pool).await;
     let server = wigzo_answering(404).await;
     let r = sync(&worker(&pool, &server), &a).await;
-    assert_eq!((r.status, r.sent, r.failed), ("failed", 0, 0), "{r:?}");
+    assert_eq!(
+        (r.status.as_str(), r.sent, r.failed),
+        ("failed", 0, 0),
+        "{r:?}"
+    );
     let err = r.error.unwrap();
     assert!(err.contains("404") && err.contains("base_url"), "{err}");
     let n = calls(&server).await.len();
@@ -233,7 +241,11 @@ async fn a_wrong_endpoint_stops_the_run_instead_of_rejecting_every_change(pool: 
         .mount(&server)
         .await;
     let r = sync(&worker(&pool, &server), &a).await;
-    assert_eq!((r.status, r.sent, r.rejected), ("partial", 199, 1), "{r:?}");
+    assert_eq!(
+        (r.status.as_str(), r.sent, r.rejected),
+        ("partial", 199, 1),
+        "{r:?}"
+    );
 }
 
 #[sqlx::test]
@@ -255,7 +267,7 @@ async fn throttles_are_stored_apart_from_attempts(pool: PgPool) {
     let mut cfg = wigzo_config(&server.uri());
     cfg.max_attempts = 2;
     let r = sync(&worker_with(&pool, cfg), &a).await;
-    assert_eq!(r.status, "failed", "{r:?}");
+    assert_eq!(r.status.as_str(), "failed", "{r:?}");
     assert_eq!(calls(&server).await.len(), 5);
     let (attempts, throttles): (i32, i32) =
         sqlx::query_as("SELECT attempts, throttles FROM outbox WHERE user_id = '1'")
@@ -351,7 +363,7 @@ async fn a_run_records_its_end_before_it_releases_the_audience(pool: PgPool) {
         .execute(&pool)
         .await
         .unwrap();
-    assert_eq!(sync(&w, &a).await.status, "failed");
+    assert_eq!(sync(&w, &a).await.status.as_str(), "failed");
     assert_eq!(
         scalar(&pool, "SELECT count(*) FROM runs WHERE status <> 'running'").await,
         2
@@ -400,7 +412,7 @@ async fn a_lock_session_that_stops_answering_stops_the_run(pool: PgPool) {
         "{:?}",
         frozen_at.elapsed()
     );
-    assert_eq!(r.status, "failed", "{r:?}");
+    assert_eq!(r.status.as_str(), "failed", "{r:?}");
     assert!(
         r.error.as_deref().unwrap().contains("lost the lock"),
         "{r:?}"

@@ -681,7 +681,7 @@ async fn a_held_audience_shows_on_the_page_the_metrics_and_the_views(pool: PgPoo
         .execute(&pool)
         .await
         .unwrap();
-    assert_eq!(sync(&w, &a).await.status, "held");
+    assert_eq!(sync(&w, &a).await.status.as_str(), "held");
 
     let (held, reason): (bool, Option<String>) =
         sqlx::query_as("SELECT held, held_reason FROM ops.audience_overview")

@@ -13,7 +13,7 @@ async fn initial_sync_sends_every_member_true_with_the_documented_payload(pool: 
     let r = sync(&worker(&pool, &server), &a).await;
     assert!(r.succeeded(), "{r:?}");
     assert_eq!(
-        (r.kind, r.members, r.added, r.removed, r.sent),
+        (r.kind.as_str(), r.members, r.added, r.removed, r.sent),
         ("initial", 20, 20, 0, 20)
     );
 
@@ -62,7 +62,7 @@ async fn a_second_sync_without_changes_sends_nothing(pool: PgPool) {
     let r = sync(&w, &a).await;
     assert!(r.succeeded(), "{r:?}");
     assert_eq!(
-        (r.kind, r.added, r.removed, r.sent),
+        (r.kind.as_str(), r.added, r.removed, r.sent),
         ("incremental", 0, 0, 0)
     );
     assert_eq!(calls(&server).await.len(), 10);
@@ -116,7 +116,7 @@ async fn full_resync_sends_all_members_and_false_for_departed(pool: PgPool) {
     let r = w2.run(&a, Mode::FullResync, false).await;
     assert!(r.succeeded(), "{r:?}");
     assert_eq!(
-        (r.kind, r.added, r.removed, r.sent),
+        (r.kind.as_str(), r.added, r.removed, r.sent),
         ("full_resync", 8, 2, 10)
     );
     let got = last_values(&server2, KEY).await;
@@ -376,7 +376,7 @@ async fn a_first_sync_that_fails_mid_stream_leaves_nothing_and_the_next_one_buil
     let r = sync(&w, &a).await;
     assert!(r.succeeded(), "{r:?}");
     assert_eq!(
-        (r.kind, r.members, r.added, r.sent),
+        (r.kind.as_str(), r.members, r.added, r.sent),
         ("initial", 30, 30, 30)
     );
     let mut conn = pool.acquire().await.unwrap();
@@ -435,6 +435,6 @@ async fn a_first_sync_attaches_its_partition_while_another_session_reads_the_out
         .await
         .expect("the first sync waited for the reader's locks");
     assert!(r.succeeded(), "{r:?}");
-    assert_eq!((r.kind, r.sent), ("initial", 20));
+    assert_eq!((r.kind.as_str(), r.sent), ("initial", 20));
     reader.commit().await.unwrap();
 }

@@ -102,7 +102,7 @@ async fn the_per_audience_outbox_keeps_every_change_stored_before_it(pool: PgPoo
     let r = sync(&worker(&pool, &server), &a).await;
     assert!(r.succeeded(), "{r:?}");
     assert_eq!(
-        (r.kind, r.added, r.removed, r.sent),
+        (r.kind.as_str(), r.added, r.removed, r.sent),
         ("incremental", 1, 1, 2)
     );
     let bodies = calls(&server).await;
