@@ -16,7 +16,7 @@ use audience_sync::audience::{Audience, AudienceDef, store_definitions};
 use audience_sync::config::WigzoConfig;
 use audience_sync::delivery::{self, Target};
 use audience_sync::outbox::{self, Change};
-use audience_sync::receiver::Receiver;
+use audience_sync::demo::receiver::Receiver;
 use audience_sync::wigzo::{IDENTIFY_PATH, Identify, WigzoClient};
 use audience_sync::{db, diff, snapshot};
 use futures::StreamExt;

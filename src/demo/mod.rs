@@ -4,6 +4,13 @@
 //! It seeds a small shop, defines three audiences, runs an initial sync, moves the shop forward
 //! a week (new orders, time passing), runs an incremental sync and a full resync, printing what
 //! was sent at each step, and checks that what the receiver got matches what the runs report.
+//!
+//! The demo's machinery lives here, apart from the sync path, which never imports it:
+//! [`embedded_pg`] (a throwaway PostgreSQL cluster) and [`receiver`] (an in-process
+//! Wigzo-compatible receiver, also used by the benchmarks).
+
+pub mod embedded_pg;
+pub mod receiver;
 
 use std::time::{Duration, Instant};
 
@@ -15,8 +22,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::audience::{self, Audience, AudienceDef};
 use crate::config::{DEFAULT_BASE_URL, DEFAULT_SCHEDULE, EnvOverrides, WigzoConfig};
-use crate::embedded_pg::EmbeddedPostgres;
-use crate::receiver::Receiver;
+use embedded_pg::EmbeddedPostgres;
+use receiver::Receiver;
 use crate::status;
 use crate::sync::{Mode, RunReport, Worker, owner_id};
 use crate::wigzo::WigzoClient;

@@ -7,6 +7,13 @@
 //!
 //! PostgreSQL refuses to run as root; when this process is root, `initdb` and
 //! `pg_ctl` are run as the `postgres` system user through `runuser` (or `su`).
+//!
+//! Why not the `pgtemp` crate (read at its current source): it also listens on a TCP port
+//! (random, so it can clash), runs `initdb`/`postgres` from `PATH` (Debian installs them under
+//! `/usr/lib/postgresql/<version>/bin`, which is not on it), needs `sudo` when root (minimal
+//! images have `runuser` but not `sudo`), shells out to `createdb`, and panics instead of
+//! returning errors. Each of those would break `demo` on a fresh Debian machine, which this
+//! module handles.
 
 use std::ffi::OsString;
 use std::fmt::Write as _;
