@@ -72,16 +72,10 @@ impl Guard {
 /// Counts the audience's confirmed members and those the captured snapshot
 /// (`pg_temp.audience_capture`) no longer has.
 pub async fn measure(conn: &mut PgConnection, audience_id: i64) -> Result<(i64, i64), sqlx::Error> {
-    sqlx::query_as(
-        "SELECT count(*),
-                count(*) FILTER (WHERE NOT EXISTS (SELECT 1 FROM pg_temp.audience_capture c
-                                                    WHERE c.user_id = s.user_id))
-           FROM synced_members s
-          WHERE s.audience_id = $1 AND s.member",
-    )
-    .bind(audience_id)
-    .fetch_one(conn)
-    .await
+    sqlx::query_as(crate::sql::GUARD_MEASURE)
+        .bind(audience_id)
+        .fetch_one(conn)
+        .await
 }
 
 #[cfg(test)]

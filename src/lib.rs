@@ -19,6 +19,7 @@ pub mod outbox;
 pub mod run;
 pub mod scheduler;
 pub mod snapshot;
+pub mod sql;
 pub mod status;
 pub mod sync;
 pub mod telemetry;

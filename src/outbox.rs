@@ -4,9 +4,10 @@
 
 use chrono::{DateTime, Utc};
 use md5::{Digest, Md5};
-// Table names below are built from audience ids (integers) only.
-use sqlx::{AssertSqlSafe, Connection, Executor, FromRow, PgConnection, PgPool};
+use sqlx::{Connection, Executor, FromRow, PgConnection, PgPool};
 use uuid::Uuid;
+
+use crate::sql::{self, Table, template};
 
 /// The messageId of a change: md5 of `audience:user:change number:value` read as a UUID.
 /// The change number (`target_version`) is the user's per-audience change sequence: one more
@@ -21,9 +22,9 @@ pub fn message_id(audience_id: i64, user_id: &str, version: i64, member: bool) -
     Uuid::from_bytes(h.finalize().into())
 }
 
-/// The table that holds an audience's changes: its partition of `outbox`.
+/// The name of the table that holds an audience's changes: its partition of `outbox`.
 pub fn partition(audience_id: i64) -> String {
-    format!("outbox_{audience_id}")
+    Table::partition(audience_id).name().to_string()
 }
 
 /// Whether the audience has its partition of `outbox` yet (it gets one from its first run
@@ -63,7 +64,7 @@ pub async fn ensure_partition(
 /// by others before the transaction commits; if it rolls back, nothing is left.
 pub struct NewPartition {
     audience_id: i64,
-    table: String,
+    table: Table,
 }
 
 impl NewPartition {
@@ -75,26 +76,19 @@ impl NewPartition {
         audience_id: i64,
         run_id: i64,
     ) -> Result<Self, sqlx::Error> {
-        let table = partition(audience_id);
-        // fillfactor 70: a claim updates only unindexed lease columns, and free space on the
-        // page keeps those HOT updates. The CHECK lets ATTACH skip its validation scan.
-        conn.execute(AssertSqlSafe(format!(
-            "CREATE TABLE {table} (LIKE outbox INCLUDING DEFAULTS INCLUDING CONSTRAINTS)
-                 WITH (fillfactor = 70);
-             ALTER TABLE {table} ADD CONSTRAINT {table}_audience CHECK (audience_id = {audience_id}),
-                 ALTER audience_id SET DEFAULT {audience_id}, ALTER member SET DEFAULT true,
-                 ALTER target_version SET DEFAULT 1, ALTER run_id SET DEFAULT {run_id}"
-        )))
+        let table = Table::partition(audience_id);
+        conn.execute(sql::render(
+            template::PARTITION_CREATE,
+            Some(&table),
+            &[("audience_id", audience_id), ("run_id", run_id)],
+        ))
         .await?;
         Ok(Self { audience_id, table })
     }
 
     /// The COPY statement that fills the table: text format, one member per line.
     pub fn copy_in(&self) -> String {
-        format!(
-            "COPY {} (user_id, email, phone, name) FROM STDIN",
-            self.table
-        )
+        sql::render(template::PARTITION_COPY, Some(&self.table), &[]).0
     }
 
     /// Builds the key (user ids that repeat collapse to the first row stored) and the other
@@ -105,21 +99,18 @@ impl NewPartition {
         let duplicates = crate::snapshot::unique_user_ids(
             conn,
             &table,
-            &format!("CREATE UNIQUE INDEX {table}_pkey ON {table} (audience_id, user_id)"),
+            &sql::render(template::PARTITION_INDEX, Some(&table), &[]).0,
         )
         .await?;
-        conn.execute(AssertSqlSafe(format!(
-            "ALTER TABLE {table} ADD CONSTRAINT {table}_pkey PRIMARY KEY USING INDEX {table}_pkey,
-                 ALTER audience_id DROP DEFAULT, ALTER member DROP DEFAULT,
-                 ALTER target_version DROP DEFAULT, ALTER run_id DROP DEFAULT;
-             CREATE INDEX {table}_not_pending ON {table} (audience_id) WHERE status <> 'pending'"
-        )))
-        .await?;
+        conn.execute(sql::render(template::PARTITION_KEYS, Some(&table), &[]))
+            .await?;
         // Autovacuum refines the partition's statistics as its changes are confirmed.
         crate::snapshot::analyze_roughly(conn, &table).await?;
-        conn.execute(AssertSqlSafe(format!(
-            "ALTER TABLE outbox ATTACH PARTITION {table} FOR VALUES IN ({audience_id})"
-        )))
+        conn.execute(sql::render(
+            template::PARTITION_ATTACH,
+            Some(&table),
+            &[("audience_id", audience_id)],
+        ))
         .await?;
         Ok(duplicates)
     }
@@ -171,34 +162,14 @@ pub async fn claim(
     limit: i64,
     lease: std::time::Duration,
 ) -> Result<Claimed, sqlx::Error> {
-    // `= ANY (ARRAY(...))` rather than a join: the generic plan of a join (used from the
-    // sixth claim on) hashed the whole outbox for every batch.
-    let rows = sqlx::query_as::<_, ClaimedRow>(
-        "WITH picked AS (
-            SELECT user_id FROM outbox
-             WHERE audience_id = $1 AND user_id > $5 AND status = 'pending'
-               AND next_attempt_at <= now()
-               AND (lease_until IS NULL OR lease_until < now())
-             ORDER BY user_id
-             LIMIT $3
-             FOR UPDATE SKIP LOCKED
-         ), claimed AS (
-            UPDATE outbox o
-               SET lease_owner = $2, lease_until = now() + make_interval(secs => $4),
-                   attempts = attempts + 1
-             WHERE o.audience_id = $1 AND o.user_id = ANY (ARRAY(SELECT user_id FROM picked))
-         RETURNING o.user_id, o.member, o.email, o.phone, o.name, o.target_version,
-                   o.created_at AS detected_at
-         )
-         SELECT c.*, (SELECT max(user_id) FROM picked) AS last FROM claimed c",
-    )
-    .bind(audience_id)
-    .bind(owner)
-    .bind(limit)
-    .bind(lease.as_secs_f64())
-    .bind(after)
-    .fetch_all(pool)
-    .await?;
+    let rows = sqlx::query_as::<_, ClaimedRow>(sql::CLAIM)
+        .bind(audience_id)
+        .bind(owner)
+        .bind(limit)
+        .bind(lease.as_secs_f64())
+        .bind(after)
+        .fetch_all(pool)
+        .await?;
     let last = rows.first().map(|r| r.last.clone());
     let changes = rows
         .into_iter()
@@ -237,44 +208,15 @@ pub async fn confirm(
     let versions: Vec<i64> = done.iter().map(|d| d.target_version).collect();
     let members: Vec<bool> = done.iter().map(|d| d.member).collect();
     let mids: Vec<Uuid> = done.iter().map(|d| d.message_id).collect();
-    // The lease test is wrapped in `coalesce` so the planner does not estimate it from the
-    // lease column's statistics: those are stale for most of a run (all NULL when the outbox
-    // was analysed after the diff), and a plan trusting them scanned the whole outbox per
-    // batch instead of looking each change up by its key.
-    let n: i64 = sqlx::query_scalar(
-        "WITH done AS (
-            DELETE FROM outbox o
-             USING unnest($2::text[], $3::bigint[], $4::bool[], $5::uuid[])
-                   AS r(user_id, version, member, message_id)
-             WHERE o.audience_id = $1 AND o.user_id = r.user_id
-               AND o.target_version = r.version AND o.member = r.member
-               AND coalesce(o.lease_owner = $6, false)
-         RETURNING o.audience_id, o.user_id, o.member, o.email, o.phone, o.name,
-                   o.target_version, o.run_id, r.message_id, o.created_at
-         ), snap AS (
-            INSERT INTO synced_members
-                   (audience_id, user_id, member, email, phone, name, version, confirmed_at)
-            SELECT audience_id, user_id, member, email, phone, name, target_version, now()
-              FROM done
-            ON CONFLICT (audience_id, user_id) DO UPDATE SET
-                   member = EXCLUDED.member, email = EXCLUDED.email, phone = EXCLUDED.phone,
-                   name = EXCLUDED.name, version = EXCLUDED.version,
-                   confirmed_at = EXCLUDED.confirmed_at
-         ), ev AS (
-            INSERT INTO membership_events
-                   (audience_id, user_id, member, run_id, message_id, detected_at, confirmed_at)
-            SELECT audience_id, user_id, member, run_id, message_id, created_at, now() FROM done
-         )
-         SELECT count(*) FROM done",
-    )
-    .bind(audience_id)
-    .bind(&users)
-    .bind(&versions)
-    .bind(&members)
-    .bind(&mids)
-    .bind(owner)
-    .fetch_one(pool)
-    .await?;
+    let n: i64 = sqlx::query_scalar(sql::CONFIRM)
+        .bind(audience_id)
+        .bind(&users)
+        .bind(&versions)
+        .bind(&members)
+        .bind(&mids)
+        .bind(owner)
+        .fetch_one(pool)
+        .await?;
     Ok(n as u64)
 }
 
@@ -314,30 +256,17 @@ pub async fn record_failures(
     let throttles: Vec<i32> = rows.iter().map(|r| r.throttles).collect();
     let codes: Vec<Option<i32>> = rows.iter().map(|r| r.last_status).collect();
     let errors: Vec<Option<String>> = rows.iter().map(|r| r.error.clone()).collect();
-    // `attempts - 1`: the claim counted one attempt in case the call reached Wigzo; the
-    // calls actually made replace it (0 when the run stopped before sending, or Wigzo
-    // answered only 429s, so the change is known not to have been applied).
-    sqlx::query(
-        "UPDATE outbox o
-            SET status = r.status, attempts = greatest(o.attempts - 1 + r.attempts, 0),
-                throttles = o.throttles + r.throttles,
-                last_status = COALESCE(r.code, o.last_status),
-                last_error = COALESCE(r.error, o.last_error),
-                lease_owner = NULL, lease_until = NULL
-           FROM unnest($1::text[], $2::text[], $3::int[], $4::int[], $5::text[], $8::int[])
-                AS r(user_id, status, attempts, code, error, throttles)
-          WHERE o.audience_id = $7 AND o.user_id = r.user_id AND o.lease_owner = $6",
-    )
-    .bind(&users)
-    .bind(&statuses)
-    .bind(&attempts)
-    .bind(&codes)
-    .bind(&errors)
-    .bind(owner)
-    .bind(audience_id)
-    .bind(&throttles)
-    .execute(pool)
-    .await?;
+    sqlx::query(sql::RECORD_FAILURES)
+        .bind(&users)
+        .bind(&statuses)
+        .bind(&attempts)
+        .bind(&codes)
+        .bind(&errors)
+        .bind(owner)
+        .bind(audience_id)
+        .bind(&throttles)
+        .execute(pool)
+        .await?;
     Ok(())
 }
 

@@ -145,20 +145,13 @@ pub async fn start(
     owner: &str,
     trigger: Trigger,
 ) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(
-        "WITH mark AS (
-            UPDATE audiences SET resync_pending = true
-             WHERE id = $1 AND $2 = 'full_resync' AND NOT resync_pending)
-         INSERT INTO runs (audience_id, kind, status, owner, trigger)
-         VALUES ($1, $2, 'running', $3, $4)
-         RETURNING id",
-    )
-    .bind(audience_id)
-    .bind(kind)
-    .bind(owner)
-    .bind(trigger)
-    .fetch_one(pool)
-    .await
+    sqlx::query_scalar(crate::sql::RUN_START)
+        .bind(audience_id)
+        .bind(kind)
+        .bind(owner)
+        .bind(trigger)
+        .fetch_one(pool)
+        .await
 }
 
 /// A run's counts as its diff left them.
@@ -209,30 +202,19 @@ pub struct Finish<'a> {
 /// Records a run's end. A full resync that delivered everything it could (succeeded or
 /// partial) clears the audience's resync mark in the same statement.
 pub async fn finish(pool: &PgPool, run_id: i64, f: &Finish<'_>) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "WITH r AS (
-            UPDATE runs SET status = $2, finished_at = now(), members = $3, added = $4,
-                   removed = $5, sent = $6, failed = $7, retried = $8, skipped_rows = $9,
-                   error = $10
-             WHERE id = $1
-         RETURNING audience_id, kind, status)
-         UPDATE audiences a SET resync_pending = false
-           FROM r
-          WHERE a.id = r.audience_id AND r.kind = 'full_resync'
-            AND r.status IN ('succeeded', 'partial')",
-    )
-    .bind(run_id)
-    .bind(f.status)
-    .bind(f.counts.members)
-    .bind(f.counts.added)
-    .bind(f.counts.removed)
-    .bind(f.sent as i64)
-    .bind(f.failed as i64)
-    .bind(f.retried as i64)
-    .bind(f.counts.skipped_rows)
-    .bind(f.error)
-    .execute(pool)
-    .await?;
+    sqlx::query(crate::sql::RUN_FINISH)
+        .bind(run_id)
+        .bind(f.status)
+        .bind(f.counts.members)
+        .bind(f.counts.added)
+        .bind(f.counts.removed)
+        .bind(f.sent as i64)
+        .bind(f.failed as i64)
+        .bind(f.retried as i64)
+        .bind(f.counts.skipped_rows)
+        .bind(f.error)
+        .execute(pool)
+        .await?;
     Ok(())
 }
 

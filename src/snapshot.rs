@@ -11,9 +11,9 @@ use sqlx::pool::PoolConnection;
 use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection, PgPool, Postgres};
 
 use crate::audience::{AudienceError, QueryShape, db_message, inspect_query};
+use crate::sql::{self, Table, template};
 
 /// The capture table (temporary: private to the run's connection, gone when it closes).
-pub const CAPTURE: &str = "pg_temp.audience_capture";
 /// Longest user id kept; longer ones are skipped and counted (they cannot be indexed).
 pub const MAX_USER_ID_LEN: i32 = 512;
 /// Rows are passed on to the writer in chunks of about this many bytes.
@@ -147,9 +147,11 @@ impl Reader {
         let timeout_ms = timeout.as_millis().min(i32::MAX as u128);
         reader
             .conn
-            .execute(AssertSqlSafe(format!(
-                "BEGIN READ ONLY; SET LOCAL statement_timeout = {timeout_ms}"
-            )))
+            .execute(sql::render(
+                template::READER_BEGIN,
+                None,
+                &[("timeout_ms", timeout_ms as i64)],
+            ))
             .await
             .map_err(|e| reader.query_err(e))?;
         Ok(reader)
@@ -287,7 +289,7 @@ impl Lines {
     }
 }
 
-/// Captures the members of an audience into [`CAPTURE`] on `conn`, with a unique index on the
+/// Captures the members of an audience into the capture table (`pg_temp.audience_capture`) on `conn`, with a unique index on the
 /// user id (duplicate ids collapse to the first row stored) and fresh statistics.
 pub async fn capture(conn: &mut PgConnection, reader: Reader) -> Result<Captured, SnapshotError> {
     let key = reader.key.clone();
@@ -295,28 +297,13 @@ pub async fn capture(conn: &mut PgConnection, reader: Reader) -> Result<Captured
         key: key.clone(),
         message: db_message(&e),
     };
-    conn.execute(
-        "DROP TABLE IF EXISTS pg_temp.audience_capture;
-         CREATE TEMP TABLE audience_capture
-             (user_id text COLLATE \"C\" NOT NULL, email text, phone text, name text)",
-    )
-    .await
-    .map_err(db)?;
-    let streamed = reader
-        .copy_into(
-            conn,
-            "COPY pg_temp.audience_capture (user_id, email, phone, name) FROM STDIN",
-        )
-        .await?;
-    let duplicates = unique_user_ids(
-        conn,
-        CAPTURE,
-        "CREATE UNIQUE INDEX audience_capture_user_id ON pg_temp.audience_capture (user_id)",
-    )
-    .await
-    .map_err(db)?;
+    conn.execute(sql::CAPTURE_CREATE).await.map_err(db)?;
+    let streamed = reader.copy_into(conn, sql::CAPTURE_COPY).await?;
+    let duplicates = unique_user_ids(conn, &Table::capture(), sql::CAPTURE_INDEX)
+        .await
+        .map_err(db)?;
     // Temporary tables are never analysed by autovacuum; the diff's plan needs statistics.
-    analyze_roughly(conn, CAPTURE).await.map_err(db)?;
+    analyze_roughly(conn, &Table::capture()).await.map_err(db)?;
     Ok(Captured {
         members: (streamed.rows - duplicates) as i64,
         skipped_rows: streamed.skipped as i64,
@@ -328,9 +315,10 @@ pub async fn capture(conn: &mut PgConnection, reader: Reader) -> Result<Captured
 /// ctid: the query's own order, as rows are appended) and the index is built again. Returns
 /// how many rows were removed. The failed build shows in the server's log as an ERROR;
 /// nothing else comes of it.
+/// `create_index` is one of `sql`'s statements (a constant, or a template it filled in).
 pub(crate) async fn unique_user_ids(
     conn: &mut PgConnection,
-    table: &str,
+    table: &Table,
     create_index: &str,
 ) -> Result<u64, sqlx::Error> {
     // A savepoint inside the caller's transaction, a transaction of its own otherwise.
@@ -344,9 +332,7 @@ pub(crate) async fn unique_user_ids(
         Err(e) => return Err(e),
     }
     let removed = conn
-        .execute(AssertSqlSafe(format!(
-            "DELETE FROM {table} a USING {table} b WHERE a.user_id = b.user_id AND a.ctid > b.ctid"
-        )))
+        .execute(sql::render(template::DEDUPE, Some(table), &[]))
         .await?
         .rows_affected();
     conn.execute(AssertSqlSafe(create_index)).await?;
@@ -359,13 +345,11 @@ pub(crate) async fn unique_user_ids(
 /// the unique index on the user id already sharpens.
 pub(crate) async fn analyze_roughly(
     conn: &mut PgConnection,
-    table: &str,
+    table: &Table,
 ) -> Result<(), sqlx::Error> {
-    conn.execute(AssertSqlSafe(format!(
-        "SET default_statistics_target = 10; ANALYZE {table}; RESET default_statistics_target"
-    )))
-    .await
-    .map(drop)
+    conn.execute(sql::render(template::ANALYZE_ROUGHLY, Some(table), &[]))
+        .await
+        .map(drop)
 }
 
 fn is_unique_violation(e: &sqlx::Error) -> bool {

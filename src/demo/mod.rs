@@ -22,11 +22,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::audience::{self, Audience, AudienceDef};
 use crate::config::{DEFAULT_BASE_URL, DEFAULT_SCHEDULE, EnvOverrides, WigzoConfig};
-use embedded_pg::EmbeddedPostgres;
-use receiver::Receiver;
 use crate::status;
 use crate::sync::{Mode, RunReport, Worker, owner_id};
 use crate::wigzo::WigzoClient;
+use embedded_pg::EmbeddedPostgres;
+use receiver::Receiver;
 
 /// Users seeded when `--members` is not given.
 pub const DEFAULT_MEMBERS: i64 = 3000;

@@ -1,0 +1,5 @@
+-- The run's capture of its audience query, on the run's own connection: user ids compare by
+-- bytes, like the outbox and synced_members.
+DROP TABLE IF EXISTS pg_temp.audience_capture;
+CREATE TEMP TABLE audience_capture
+    (user_id text COLLATE "C" NOT NULL, email text, phone text, name text)
