@@ -76,8 +76,8 @@ pub async fn dedicated(opts: &PgConnectOptions) -> Result<PgConnection, DbError>
 ///
 /// sqlx 0.9.0 connects without TCP_NODELAY (launchbadge/sqlx#4335; the fix, #4336, is merged
 /// but not released). A write larger than one segment, such as a confirmation of a few hundred
-/// results, then waits for the server's delayed ACK: about 40 ms per statement instead of
-/// 1-3 ms. sqlx does not hand out its socket, so the socket is found among the process's open
+/// results, then waits for the server's delayed ACK, many times the statement's own time
+/// (BENCHMARKS.md has the figures). sqlx does not hand out its socket, so the socket is found among the process's open
 /// files by the ports the server reports for this session. Over a Unix socket, or where the
 /// server sees other ports (a proxy in between), nothing matches and nothing changes.
 /// It is an optimisation: a server that cannot report the ports (a PostgreSQL-compatible

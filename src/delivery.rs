@@ -21,8 +21,8 @@ pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 pub const MAX_THROTTLED: u32 = 50;
 /// Results written to the database at once, at most (the recorder writes whatever has
 /// arrived, usually far fewer). Writes this large need TCP_NODELAY, which
-/// [`crate::db::set_nodelay`] sets: without it a ~24 KB confirmation met Nagle's algorithm and
-/// the server's delayed ACK, ~40 ms per write, and delivery fell from 30k to 10k calls/s.
+/// [`crate::db::set_nodelay`] sets: without it a large confirmation meets Nagle's algorithm and
+/// the server's delayed ACK on every write (BENCHMARKS.md has what that cost).
 const RECORD_BATCH: usize = 500;
 
 /// Retries of one result-recording statement whose database connection was lost.

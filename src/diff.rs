@@ -101,8 +101,8 @@ const ANALYZE_AFTER: u64 = 5_000;
 
 /// After a large diff, brings the outbox's planner statistics up to date (autovacuum would,
 /// but only later): with the table still looking empty, the claim's plan sorted every pending
-/// row for each batch instead of walking the key from the cursor (15 ms instead of 2 ms per
-/// 500 changes at 50k, growing with the backlog).
+/// row for each batch instead of walking the key from the cursor, a cost that grows with the
+/// backlog.
 async fn refresh_statistics(
     conn: &mut PgConnection,
     audience_id: i64,

@@ -64,8 +64,8 @@ pub struct Reader {
 }
 
 enum ReaderConn {
-    /// The worker's own database: a pooled connection (a new one costs a TLS handshake,
-    /// about 90 ms where sqlx has not yet set TCP_NODELAY; see `db::set_nodelay`).
+    /// The worker's own database: a pooled connection (a new one costs a TLS handshake, slow
+    /// before TCP_NODELAY can be set; see `db::set_nodelay` and BENCHMARKS.md).
     Pooled(PoolConnection<Postgres>),
     /// A `source_url` database.
     Source(PgConnection),
@@ -340,7 +340,7 @@ pub(crate) async fn unique_user_ids(
 }
 
 /// Gathers planner statistics for a table just filled, from a tenth of the default sample
-/// (3,000 rows; a tenth of the time at 200k rows and more): the plans that read it (the diff's
+/// (much faster on large tables; BENCHMARKS.md): the plans that read it (the diff's
 /// joins, claims and confirmations) need its size and a rough picture of its columns, which
 /// the unique index on the user id already sharpens.
 pub(crate) async fn analyze_roughly(
