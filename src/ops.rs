@@ -1,14 +1,13 @@
 //! The daemon's HTTP server for operators: liveness, readiness, Prometheus metrics, a
 //! server-rendered status page, and (only with a configured bearer token) run triggers.
 
-use std::fmt::Write as _;
-
 use axum::Router;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
+use maud::{DOCTYPE, Markup, PreEscaped, html};
 use secrecy::{ExposeSecret, SecretString};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -218,22 +217,6 @@ async fn trigger(
     }
 }
 
-/// HTML-escapes text from the database (audience names are user input).
-pub fn esc(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            _ => out.push(c),
-        }
-    }
-    out
-}
-
 fn when(t: Option<DateTime<Utc>>) -> String {
     t.map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
         .unwrap_or_else(|| "—".into())
@@ -285,11 +268,11 @@ struct FailedRow {
 }
 
 /// Members after each of the audience's last 50 finished runs, as a small SVG line.
-fn chart(points: &[i64]) -> String {
+fn chart(points: &[i64]) -> Markup {
     const W: f64 = 160.0;
     const H: f64 = 32.0;
     if points.len() < 2 {
-        return String::from(r#"<svg class="chart" width="160" height="32"></svg>"#);
+        return html! { svg.chart width="160" height="32" {} };
     }
     let max = *points.iter().max().unwrap_or(&1) as f64;
     let max = if max <= 0.0 { 1.0 } else { max };
@@ -305,11 +288,141 @@ fn chart(points: &[i64]) -> String {
             )
         })
         .collect();
-    format!(
-        r##"<svg class="chart" width="160" height="32" role="img" aria-label="members over the last {} runs"><polyline fill="none" stroke="#2563eb" stroke-width="1.5" points="{}"/></svg>"##,
-        points.len(),
-        coords.join(" ")
-    )
+    html! {
+        svg.chart width="160" height="32" role="img"
+            aria-label={ "members over the last " (points.len()) " runs" } {
+            polyline fill="none" stroke="#2563eb" stroke-width="1.5" points=(coords.join(" ")) {}
+        }
+    }
+}
+
+/// The page's style sheet (no user data in it).
+const STYLE: &str = "body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#111}
+h1{font-size:20px}h2{font-size:16px;margin-top:28px}
+table{border-collapse:collapse;width:100%}th,td{padding:4px 8px;border-bottom:1px solid #e5e7eb;text-align:left;vertical-align:middle}
+th{background:#f9fafb}.num{text-align:right;font-variant-numeric:tabular-nums}
+.succeeded{color:#15803d}.failed,.rejected{color:#b91c1c}.running{color:#1d4ed8}.abandoned,.partial{color:#a16207}
+.held{color:#7c3aed;font-weight:600}.held-reason{color:#7c3aed;font-size:12px;max-width:420px}
+.muted{color:#6b7280}";
+
+/// The status page. Every value from the database goes through maud's escaping (audience
+/// names, keys, errors and user ids are user input); only the constant style sheet is not.
+fn status_page(
+    audiences: &[AudienceRow],
+    history: &[(i64, i64)],
+    runs: &[RunRow],
+    failed: &[FailedRow],
+) -> Markup {
+    let opt = |v: Option<i64>| v.map(|v| v.to_string()).unwrap_or_default();
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta http-equiv="refresh" content="30";
+                title { "audience-sync status" }
+                style { (PreEscaped(STYLE)) }
+            }
+            body {
+                h1 { "audience-sync" }
+                p.muted {
+                    "Generated " (Utc::now().format("%Y-%m-%d %H:%M:%S")) " UTC; refreshes every 30 s."
+                }
+                h2 { "Audiences" }
+                table #audiences {
+                    tr {
+                        th { "Key" } th { "Name" } th { "State" } th.num { "Members" }
+                        th { "Members over time" } th { "Last run" } th { "Finished (UTC)" }
+                        th { "Next run (UTC)" } th.num { "Pending" } th.num { "Failed" }
+                        th.num { "Oldest pending" }
+                    }
+                    @for a in audiences {
+                        @let points: Vec<i64> = history.iter().filter(|(id, _)| *id == a.audience_id).map(|(_, m)| *m).collect();
+                        @let status = a.last_run_status.as_deref().unwrap_or("never run");
+                        tr.audience data-key=(a.key) {
+                            td { code { (a.key) } }
+                            td { (a.name) }
+                            // A held audience waits for a person: say so, why, and how to
+                            // release it.
+                            td {
+                                @if let Some(why) = &a.held_reason {
+                                    span.held { "held" }
+                                    div."held-reason" { (why) }
+                                } @else if a.enabled {
+                                    "enabled"
+                                } @else {
+                                    "disabled"
+                                }
+                            }
+                            td.num { (a.members) }
+                            td { (chart(&points)) }
+                            td class={ "last-run " (a.last_run_status.as_deref().unwrap_or("never-run")) } {
+                                @if let Some(kind) = &a.last_run_kind { (kind) " " }
+                                (status)
+                            }
+                            td { (when(a.last_run_finished_at)) }
+                            td { (when(a.next_run_at)) }
+                            td.num { (a.pending) }
+                            td.num.failed[a.failed > 0] { (a.failed) }
+                            td.num {
+                                @match a.oldest_pending_s {
+                                    Some(s) => { (format!("{s:.0} s")) }
+                                    None => { "—" }
+                                }
+                            }
+                        }
+                    }
+                }
+                h2 { "Recent runs" }
+                table id="recent-runs" {
+                    tr {
+                        th { "Run" } th { "Audience" } th { "Kind" } th { "Trigger" } th { "Status" }
+                        th { "Started (UTC)" } th.num { "Duration" } th.num { "Members" }
+                        th.num { "Entered" } th.num { "Left" } th.num { "Sent" } th.num { "Failed" }
+                        th { "Error" }
+                    }
+                    @for r in runs {
+                        tr.run data-run=(r.run_id) {
+                            td { (r.run_id) }
+                            td { code { (r.key) } }
+                            td { (r.kind) }
+                            td { (r.trigger) }
+                            td class=(r.status) { (r.status) }
+                            td { (r.started_at.format("%Y-%m-%d %H:%M:%S")) }
+                            td.num { (r.duration_s.map(|d| format!("{d:.1} s")).unwrap_or_default()) }
+                            td.num { (opt(r.members)) }
+                            td.num { (opt(r.added)) }
+                            td.num { (opt(r.removed)) }
+                            td.num { (r.sent) }
+                            td.num { (r.failed) }
+                            td { (r.error.as_deref().unwrap_or("")) }
+                        }
+                    }
+                }
+                h2 { "Failed changes" }
+                table id="failed-changes" {
+                    tr {
+                        th { "Audience" } th { "User id" } th { "Value" } th { "Status" }
+                        th.num { "Attempts" } th.num { "HTTP status" } th { "Error" }
+                    }
+                    @if failed.is_empty() {
+                        tr { td colspan="7" .muted { "None." } }
+                    }
+                    @for f in failed {
+                        tr."failed-change" {
+                            td { code { (f.key) } }
+                            td { (f.user_id) }
+                            td { (f.value) }
+                            td class=(f.status) { (f.status) }
+                            td.num { (f.attempts) }
+                            td.num."http-status" { (f.last_status.map(|s| s.to_string()).unwrap_or_default()) }
+                            td { (f.last_error.as_deref().unwrap_or("")) }
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 async fn page(State(s): State<OpsState>) -> Response {
@@ -357,123 +470,7 @@ async fn render_page(pool: &PgPool) -> Result<String, sqlx::Error> {
     .fetch_all(pool)
     .await?;
 
-    let mut h = String::with_capacity(16 * 1024);
-    h.push_str(
-        r#"<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="30">
-<title>audience-sync status</title>
-<style>
-body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#111}
-h1{font-size:20px}h2{font-size:16px;margin-top:28px}
-table{border-collapse:collapse;width:100%}th,td{padding:4px 8px;border-bottom:1px solid #e5e7eb;text-align:left;vertical-align:middle}
-th{background:#f9fafb}.num{text-align:right;font-variant-numeric:tabular-nums}
-.succeeded{color:#15803d}.failed,.rejected{color:#b91c1c}.running{color:#1d4ed8}.abandoned,.partial{color:#a16207}
-.held{color:#7c3aed;font-weight:600}.held-reason{color:#7c3aed;font-size:12px;max-width:420px}
-.muted{color:#6b7280}
-</style></head><body>
-<h1>audience-sync</h1>
-"#,
-    );
-    let _ = writeln!(
-        h,
-        r#"<p class="muted">Generated {} UTC; refreshes every 30 s.</p>"#,
-        Utc::now().format("%Y-%m-%d %H:%M:%S")
-    );
-    h.push_str(
-        r#"<h2>Audiences</h2><table id="audiences"><tr><th>Key</th><th>Name</th><th>State</th><th class="num">Members</th><th>Members over time</th><th>Last run</th><th>Finished (UTC)</th><th>Next run (UTC)</th><th class="num">Pending</th><th class="num">Failed</th><th class="num">Oldest pending</th></tr>"#,
-    );
-    for a in &audiences {
-        let points: Vec<i64> = history
-            .iter()
-            .filter(|(id, _)| *id == a.audience_id)
-            .map(|(_, m)| *m)
-            .collect();
-        let status = a.last_run_status.as_deref().unwrap_or("never run");
-        let _ = write!(
-            h,
-            r#"<tr class="audience" data-key="{key}"><td><code>{key}</code></td><td>{name}</td><td>{state}</td><td class="num">{members}</td><td>{chart}</td><td class="last-run {status_class}">{last_run}</td><td>{finished}</td><td>{next}</td><td class="num">{pending}</td><td class="num{failed_class}">{failed}</td><td class="num">{oldest}</td></tr>"#,
-            key = esc(&a.key),
-            name = esc(&a.name),
-            // A held audience waits for a person: say so, why, and how to release it.
-            state = match (&a.held_reason, a.enabled) {
-                (Some(why), _) => format!(
-                    r#"<span class="held">held</span><div class="held-reason">{}</div>"#,
-                    esc(why)
-                ),
-                (None, true) => "enabled".to_string(),
-                (None, false) => "disabled".to_string(),
-            },
-            members = a.members,
-            chart = chart(&points),
-            status_class = esc(a.last_run_status.as_deref().unwrap_or("never-run")),
-            last_run = esc(&match &a.last_run_kind {
-                Some(kind) => format!("{kind} {status}"),
-                None => status.to_string(),
-            }),
-            finished = when(a.last_run_finished_at),
-            next = when(a.next_run_at),
-            pending = a.pending,
-            failed_class = if a.failed > 0 { " failed" } else { "" },
-            failed = a.failed,
-            oldest = a
-                .oldest_pending_s
-                .map(|s| format!("{s:.0} s"))
-                .unwrap_or_else(|| "—".into()),
-        );
-    }
-    h.push_str("</table>\n");
-
-    h.push_str(
-        r#"<h2>Recent runs</h2><table id="recent-runs"><tr><th>Run</th><th>Audience</th><th>Kind</th><th>Trigger</th><th>Status</th><th>Started (UTC)</th><th class="num">Duration</th><th class="num">Members</th><th class="num">Entered</th><th class="num">Left</th><th class="num">Sent</th><th class="num">Failed</th><th>Error</th></tr>"#,
-    );
-    for r in &runs {
-        let opt = |v: Option<i64>| v.map(|v| v.to_string()).unwrap_or_default();
-        let _ = write!(
-            h,
-            r#"<tr class="run" data-run="{}"><td>{}</td><td><code>{}</code></td><td>{}</td><td>{}</td><td class="{}">{}</td><td>{}</td><td class="num">{}</td><td class="num">{}</td><td class="num">{}</td><td class="num">{}</td><td class="num">{}</td><td class="num">{}</td><td>{}</td></tr>"#,
-            r.run_id,
-            r.run_id,
-            esc(&r.key),
-            esc(&r.kind),
-            esc(&r.trigger),
-            esc(&r.status),
-            esc(&r.status),
-            r.started_at.format("%Y-%m-%d %H:%M:%S"),
-            r.duration_s
-                .map(|d| format!("{d:.1} s"))
-                .unwrap_or_default(),
-            opt(r.members),
-            opt(r.added),
-            opt(r.removed),
-            r.sent,
-            r.failed,
-            esc(r.error.as_deref().unwrap_or("")),
-        );
-    }
-    h.push_str("</table>\n");
-
-    h.push_str(
-        r#"<h2>Failed changes</h2><table id="failed-changes"><tr><th>Audience</th><th>User id</th><th>Value</th><th>Status</th><th class="num">Attempts</th><th class="num">HTTP status</th><th>Error</th></tr>"#,
-    );
-    if failed.is_empty() {
-        h.push_str(r#"<tr><td colspan="7" class="muted">None.</td></tr>"#);
-    }
-    for f in &failed {
-        let _ = write!(
-            h,
-            r#"<tr class="failed-change"><td><code>{}</code></td><td>{}</td><td>{}</td><td class="{}">{}</td><td class="num">{}</td><td class="num http-status">{}</td><td>{}</td></tr>"#,
-            esc(&f.key),
-            esc(&f.user_id),
-            f.value,
-            esc(&f.status),
-            esc(&f.status),
-            f.attempts,
-            f.last_status.map(|s| s.to_string()).unwrap_or_default(),
-            esc(f.last_error.as_deref().unwrap_or("")),
-        );
-    }
-    h.push_str("</table>\n</body></html>\n");
-    Ok(h)
+    Ok(status_page(&audiences, &history, &runs, &failed).into_string())
 }
 
 #[cfg(test)]
@@ -481,11 +478,38 @@ mod tests {
     use super::*;
 
     #[test]
-    fn escapes_markup_and_quotes() {
-        assert_eq!(
-            esc(r#"<script>alert("x")</script> & 'y'"#),
-            "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; &#39;y&#39;"
+    fn the_page_escapes_everything_from_the_database() {
+        let hostile = r#"<script>alert("x")</script> & 'y'"#;
+        let a = AudienceRow {
+            audience_id: 1,
+            key: hostile.into(),
+            name: hostile.into(),
+            enabled: true,
+            members: 1,
+            last_run_kind: Some(hostile.into()),
+            last_run_status: Some(hostile.into()),
+            last_run_finished_at: None,
+            next_run_at: None,
+            pending: 0,
+            failed: 0,
+            oldest_pending_s: None,
+            held_reason: Some(hostile.into()),
+        };
+        let f = FailedRow {
+            key: hostile.into(),
+            user_id: hostile.into(),
+            value: true,
+            status: hostile.into(),
+            attempts: 1,
+            last_status: None,
+            last_error: Some(hostile.into()),
+        };
+        let page = status_page(&[a], &[], &[], &[f]).into_string();
+        assert!(
+            !page.contains("<script>") && !page.contains(r#""x""#),
+            "{page}"
         );
+        assert!(page.contains("&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp;"));
     }
 
     #[test]
@@ -506,7 +530,7 @@ mod tests {
 
     #[test]
     fn charts_need_two_points() {
-        assert!(!chart(&[5]).contains("polyline"));
-        assert!(chart(&[1, 5, 3]).contains("polyline"));
+        assert!(!chart(&[5]).into_string().contains("polyline"));
+        assert!(chart(&[1, 5, 3]).into_string().contains("polyline"));
     }
 }
