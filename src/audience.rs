@@ -13,13 +13,17 @@ pub const MAX_KEY_LEN: usize = 128;
 /// One audience as the config file defines it.
 #[derive(Debug, Clone)]
 pub struct AudienceDef {
+    /// The trait name sent to Wigzo: snake_case, fixed when the audience is first stored.
     pub key: String,
+    /// The audience's name as people read it.
     pub name: String,
+    /// Cron expression (UTC) of the daemon's runs.
     pub schedule: String,
     /// The member query, trailing semicolons removed.
     pub query: String,
     /// Another Postgres to run the query on; `None` means the worker's own database.
     pub source_url: Option<SecretString>,
+    /// Whether it is synced (a disabled audience keeps its history).
     pub enabled: bool,
     /// When a run of this audience is held instead of sending its removals.
     pub guard: crate::guard::Guard,
@@ -28,20 +32,40 @@ pub struct AudienceDef {
 /// An audience as stored, joined with its definition from the config file.
 #[derive(Debug, Clone)]
 pub struct Audience {
+    /// Its row in `audiences`.
     pub id: i64,
+    /// Its definition from the config file.
     pub def: AudienceDef,
 }
 
+/// Why an audience definition or its query was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum AudienceError {
+    /// The query is not usable (not SQL, no `user_id`, a wrong type).
     #[error("audience {key:?}: {reason}")]
-    Query { key: String, reason: String },
+    Query {
+        /// The audience.
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Its `source_url` database cannot be reached.
     #[error("cannot connect to the source database of audience {key:?}: {message}")]
-    Source { key: String, message: String },
+    Source {
+        /// The audience.
+        key: String,
+        /// The connection error (never the URL).
+        message: String,
+    },
+    /// An audience asked for by key that was never stored.
     #[error(
         "audience {key:?} is not in the database; add it to the config file and run any command"
     )]
-    Unknown { key: String },
+    Unknown {
+        /// The key asked for.
+        key: String,
+    },
+    /// Storing the definitions failed.
     #[error("database error while storing audiences: {0}")]
     Db(#[from] sqlx::Error),
 }
@@ -169,8 +193,11 @@ const USER_ID_TYPES: &[&str] = &[
 /// Which optional columns the query returns, found by preparing it (nothing is executed).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct QueryShape {
+    /// It returns an `email` column.
     pub email: bool,
+    /// It returns a `phone` column.
     pub phone: bool,
+    /// It returns a `name` column.
     pub name: bool,
 }
 

@@ -14,6 +14,7 @@ use crate::sync::{Mode, RunOptions, RunReport, Worker, owner_id};
 use crate::telemetry::LogFormat;
 use crate::wigzo::WigzoClient;
 
+/// The command line.
 #[derive(Debug, Parser)]
 #[command(
     name = "audience-sync",
@@ -39,10 +40,12 @@ pub struct Cli {
     /// More detailed logs.
     #[arg(short, long, global = true)]
     pub verbose: bool,
+    /// What to do.
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// The commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// The scheduled worker: syncs each audience on its cron schedule until SIGTERM/SIGINT,
@@ -69,6 +72,7 @@ pub enum Command {
     Demo(DemoArgs),
 }
 
+/// `run`'s arguments.
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Address of the ops HTTP server (default: [ops] listen, else 127.0.0.1:9187).
@@ -76,6 +80,7 @@ pub struct RunArgs {
     pub listen: Option<String>,
 }
 
+/// `sync`'s arguments.
 #[derive(Debug, Args)]
 pub struct SyncArgs {
     /// Audience key (repeatable; default: every enabled audience).
@@ -89,10 +94,13 @@ pub struct SyncArgs {
     pub allow_removals: bool,
 }
 
+/// `resync`'s arguments.
 #[derive(Debug, Args)]
 pub struct ResyncArgs {
+    /// Audience key.
     #[arg(long = "audience", value_name = "KEY")]
     pub audience: String,
+    /// Compute and show what would be sent; send nothing, change nothing.
     #[arg(long)]
     pub dry_run: bool,
     /// Send removals the removal guard held, once: a person's release.
@@ -100,20 +108,26 @@ pub struct ResyncArgs {
     pub allow_removals: bool,
 }
 
+/// `retry`'s arguments.
 #[derive(Debug, Args)]
 pub struct RetryArgs {
+    /// Audience key.
     #[arg(long = "audience", value_name = "KEY")]
     pub audience: String,
 }
 
+/// `runs`' arguments.
 #[derive(Debug, Args)]
 pub struct RunsArgs {
+    /// Only this audience's runs.
     #[arg(long = "audience", value_name = "KEY")]
     pub audience: Option<String>,
+    /// How many, newest first.
     #[arg(long, default_value_t = 20)]
     pub limit: i64,
 }
 
+/// `init`'s arguments.
 #[derive(Debug, Args)]
 pub struct InitArgs {
     /// Where to write it.
@@ -124,6 +138,7 @@ pub struct InitArgs {
     pub force: bool,
 }
 
+/// `demo`'s arguments.
 #[derive(Debug, Args)]
 pub struct DemoArgs {
     /// Keep the demo database afterwards and print how to inspect it.

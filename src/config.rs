@@ -17,25 +17,49 @@ pub const MIN_TRIGGER_TOKEN_LEN: usize = 16;
 /// Default schedule: every three hours, on the hour (UTC).
 pub const DEFAULT_SCHEDULE: &str = "0 0 */3 * * *";
 
+/// Why a configuration was refused. No message quotes a secret.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The file cannot be read.
     #[error("cannot read config file {path}: {source}")]
     Read {
+        /// The file.
         path: PathBuf,
+        /// Why.
         source: std::io::Error,
     },
+    /// The file is not valid TOML for this configuration.
     #[error("config file {path} is not valid: {message}")]
-    Parse { path: PathBuf, message: String },
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Where and what (line, column, key), never the source line.
+        message: String,
+    },
+    /// No database URL anywhere.
     #[error("no database configured: set DATABASE_URL or [database] url in the config file")]
     NoDatabase,
+    /// No organization token anywhere.
     #[error(
         "no Wigzo organization token configured: set WIGZO_ORG_TOKEN or [wigzo] org_token in the config file"
     )]
     NoToken,
+    /// A setting out of its range.
     #[error("invalid setting {setting}: {reason}")]
-    Setting { setting: String, reason: String },
+    Setting {
+        /// Its path, e.g. `wigzo.concurrency`.
+        setting: String,
+        /// What is allowed.
+        reason: String,
+    },
+    /// An audience definition that cannot be used.
     #[error("audience {audience:?}: {reason}")]
-    Audience { audience: String, reason: String },
+    Audience {
+        /// The audience's name (or key).
+        audience: String,
+        /// What is wrong and what to do.
+        reason: String,
+    },
 }
 
 /// The org token: never printed by Debug, Display or serde.
@@ -145,33 +169,49 @@ struct RawAudience {
 /// Everything a command needs, validated.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// `[database]`.
     pub database: DatabaseConfig,
+    /// `[wigzo]`.
     pub wigzo: WigzoConfig,
+    /// `[ops]`.
     pub ops: OpsConfig,
+    /// `[daemon]`.
     pub daemon: DaemonConfig,
+    /// The `[[audience]]` entries, validated, with their guards resolved.
     pub audiences: Vec<AudienceDef>,
     /// The file it was read from, if any (the daemon re-reads it on SIGHUP).
     pub path: Option<PathBuf>,
 }
 
+/// `[database]`.
 #[derive(Debug, Clone)]
 pub struct DatabaseConfig {
+    /// The worker's database (a secret: it may hold a password).
     pub url: Option<SecretString>,
+    /// Pool size.
     pub max_connections: u32,
     /// Statement timeout for audience queries.
     pub statement_timeout: Duration,
 }
 
+/// `[wigzo]`: the destination and how calls are made.
 #[derive(Debug, Clone)]
 pub struct WigzoConfig {
+    /// The organization token (a secret).
     pub org_token: Option<OrgToken>,
+    /// Where calls go, without a trailing slash.
     pub base_url: String,
     /// 0 turns the client-side rate limit off.
     pub requests_per_second: u32,
+    /// Calls in flight.
     pub concurrency: usize,
+    /// Longest wait for one call.
     pub timeout: Duration,
+    /// Calls per change within one run, 429s not counted.
     pub max_attempts: u32,
+    /// First backoff.
     pub retry_base: Duration,
+    /// Longest backoff.
     pub retry_max: Duration,
     /// Changes claimed from the outbox at once.
     pub batch_size: i64,
@@ -198,9 +238,12 @@ impl WigzoConfig {
     }
 }
 
+/// `[ops]`: the daemon's HTTP server.
 #[derive(Debug, Clone)]
 pub struct OpsConfig {
+    /// Address it listens on.
     pub listen: String,
+    /// Bearer token that enables run triggers (a secret, at least 16 characters).
     pub trigger_token: Option<SecretString>,
 }
 
@@ -380,12 +423,16 @@ pub fn locate(explicit: Option<&Path>) -> Option<PathBuf> {
 /// Environment overrides, read once so tests can pass their own.
 #[derive(Debug, Default, Clone)]
 pub struct EnvOverrides {
+    /// `DATABASE_URL`.
     pub database_url: Option<String>,
+    /// `WIGZO_ORG_TOKEN`.
     pub org_token: Option<String>,
+    /// `WIGZO_BASE_URL`.
     pub base_url: Option<String>,
 }
 
 impl EnvOverrides {
+    /// Reads the overrides from the process environment (empty values count as unset).
     pub fn from_env() -> Self {
         let get = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
         Self {
@@ -632,10 +679,12 @@ impl Config {
         })
     }
 
+    /// The database URL, or an error saying where to set it.
     pub fn database_url(&self) -> Result<&SecretString, ConfigError> {
         self.database.url.as_ref().ok_or(ConfigError::NoDatabase)
     }
 
+    /// The organization token, or an error saying where to set it.
     pub fn org_token(&self) -> Result<&OrgToken, ConfigError> {
         self.wigzo.org_token.as_ref().ok_or(ConfigError::NoToken)
     }

@@ -6,14 +6,18 @@ use secrecy::{ExposeSecret, SecretString};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgConnection, PgPool};
 
+/// Why the database could not be reached or prepared. No message quotes the URL.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
+    /// The URL does not parse.
     #[error("the database URL is not valid: {0}")]
     Url(String),
+    /// No connection.
     #[error(
         "cannot connect to the database: {0}; check DATABASE_URL and that PostgreSQL is running"
     )]
     Connect(String),
+    /// A migration failed.
     #[error("cannot apply database migrations: {0}")]
     Migrate(String),
 }

@@ -28,8 +28,10 @@ const RECORD_BATCH: usize = 500;
 /// Retries of one result-recording statement whose database connection was lost.
 const DB_RETRIES: u32 = 4;
 
+/// Why delivery stopped on a database problem.
 #[derive(Debug, thiserror::Error)]
 pub enum DeliveryError {
+    /// A claim or a result write failed, even on a fresh connection.
     #[error(
         "database error during delivery: {}; unconfirmed changes stay in the outbox for the next run",
         crate::audience::db_message(.0)
@@ -77,15 +79,23 @@ where
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Halt {
     /// 401/403: the organization token was refused.
-    TokenRefused { status: u16 },
+    TokenRefused {
+        /// 401 or 403.
+        status: u16,
+    },
     /// 3xx: `base_url` points at something that redirects; redirects are never followed.
     Redirected {
+        /// The 3xx status.
         status: u16,
+        /// The host its `Location` named, if any.
         location_host: Option<String>,
     },
     /// The first [`ENDPOINT_PROBE`] answers were all 404/405/410 and none 2xx: wrong host or
     /// path, not a problem of any one user.
-    WrongEndpoint { status: u16 },
+    WrongEndpoint {
+        /// The last of those statuses.
+        status: u16,
+    },
 }
 
 impl std::fmt::Display for Halt {
@@ -123,9 +133,11 @@ const WRONG_ENDPOINT: [u16; 3] = [404, 405, 410];
 /// What a delivery pass did.
 #[derive(Debug, Clone, Default)]
 pub struct DeliveryReport {
+    /// Changes Wigzo confirmed.
     pub sent: u64,
     /// Changes rejected (4xx) or out of retries in this run.
     pub failed: u64,
+    /// Of `failed`, the changes Wigzo rejected (4xx).
     pub rejected: u64,
     /// HTTP retries made (429s included).
     pub retried: u64,
@@ -133,13 +145,16 @@ pub struct DeliveryReport {
     pub halted: Option<Halt>,
     /// The last error seen on a change that was not confirmed.
     pub last_error: Option<String>,
+    /// Shutdown (or a lost lock) stopped it.
     pub cancelled: bool,
 }
 
 /// Who the audience is, for the payload, and where progress is shown.
 #[derive(Debug, Clone)]
 pub struct Target {
+    /// The audience's id (its outbox partition).
     pub audience_id: i64,
+    /// Its key (the trait the calls set).
     pub key: String,
     /// Advanced as changes are confirmed or given up; `ProgressBar::hidden()` when no
     /// terminal watches.

@@ -9,16 +9,22 @@ use crate::outbox::{self, Change};
 use crate::snapshot::{Captured, Reader, SnapshotError};
 use crate::sql;
 
+/// How many changes a diff holds.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DiffCounts {
+    /// `true` changes (users who entered, or every member on a full resync).
     pub added: i64,
+    /// `false` changes (confirmed members who left).
     pub removed: i64,
 }
 
+/// Why a diff could not be computed or written.
 #[derive(Debug, thiserror::Error)]
 pub enum DiffError {
+    /// The query could not be captured.
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
+    /// Writing the changes failed.
     #[error("cannot write the diff to the outbox: {}", db_message(.0))]
     Db(#[from] sqlx::Error),
 }

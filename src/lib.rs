@@ -1,4 +1,5 @@
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 //! audience-sync: keeps Wigzo in step with audience membership computed by SQL queries.
 //!
 //! Data path: [`audience`] (definitions) -> [`snapshot`] (capture) -> [`diff`] -> [`outbox`]

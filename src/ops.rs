@@ -17,6 +17,7 @@ use crate::sync::Mode;
 /// What the handlers share.
 #[derive(Clone)]
 pub struct OpsState {
+    /// The worker's database (every view is read from it at request time).
     pub pool: PgPool,
     /// `None`: the POST endpoints answer 404 (the default).
     pub trigger: Option<Trigger>,
@@ -25,14 +26,18 @@ pub struct OpsState {
 /// Where API-triggered runs go, and the bearer token that guards them.
 #[derive(Clone)]
 pub struct Trigger {
+    /// The bearer token a trigger must present (a secret).
     pub token: SecretString,
+    /// Where accepted requests go: the daemon's loop.
     pub tx: tokio::sync::mpsc::Sender<TriggerRequest>,
 }
 
 /// A run asked for over the API.
 #[derive(Debug, Clone)]
 pub struct TriggerRequest {
+    /// The audience's key.
     pub key: String,
+    /// Sync or full resync.
     pub mode: Mode,
     /// `?allow_removals=true`: a person's release of removals the guard held.
     pub allow_removals: bool,
@@ -45,6 +50,7 @@ pub struct TriggerParams {
     allow_removals: bool,
 }
 
+/// The ops server's routes.
 pub fn router(state: OpsState) -> Router {
     Router::new()
         .route("/", get(page))

@@ -119,10 +119,15 @@ impl NewPartition {
 /// One change to deliver.
 #[derive(Debug, Clone, FromRow)]
 pub struct Change {
+    /// The user's id, as the query returned it (text).
     pub user_id: String,
+    /// The value sent: `true` entered, `false` left.
     pub member: bool,
+    /// Contact fields sent with it, when known.
     pub email: Option<String>,
+    /// Phone, when known.
     pub phone: Option<String>,
+    /// Name, when known.
     pub name: Option<String>,
     /// The version this change gives the user's confirmed row.
     pub target_version: i64,
@@ -137,6 +142,7 @@ pub struct Change {
 /// A batch of claimed changes and the claim cursor to continue from.
 #[derive(Debug, Default)]
 pub struct Claimed {
+    /// The claimed changes, leased to the claimer.
     pub changes: Vec<Change>,
     /// The greatest user id claimed, in the database's own ordering (`None` if none was).
     pub last: Option<String>,
@@ -185,10 +191,15 @@ pub async fn claim(
 /// A confirmed change, the extra HTTP attempts it took, and what identifies it.
 #[derive(Debug, Clone)]
 pub struct Confirmed {
+    /// The user.
     pub user_id: String,
+    /// The change number that was sent.
     pub target_version: i64,
+    /// The value that was sent.
     pub member: bool,
+    /// The messageId that was sent (recorded in the history).
     pub message_id: Uuid,
+    /// Calls after the first, 429s included.
     pub extra_attempts: i32,
 }
 
@@ -223,6 +234,7 @@ pub async fn confirm(
 /// Why a change was not confirmed in this run.
 #[derive(Debug, Clone)]
 pub struct NotConfirmed {
+    /// The user.
     pub user_id: String,
     /// `pending` (try again next run, e.g. token refused or cancelled), `failed` (retries used
     /// up) or `rejected` (a 4xx for this change).
@@ -234,7 +246,9 @@ pub struct NotConfirmed {
     pub throttles: i32,
     /// Calls after the first, 429s included (for the run's `retried` count).
     pub retries: i32,
+    /// The last HTTP status Wigzo answered, if any.
     pub last_status: Option<i32>,
+    /// The last error (a body excerpt, the token blanked out).
     pub error: Option<String>,
 }
 

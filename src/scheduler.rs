@@ -28,9 +28,13 @@ use crate::sync::{Mode, RunOptions, RunReport, Worker};
 /// The latest run of an audience, as the scheduler needs it.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct LastRun {
+    /// The run's id.
     pub id: i64,
+    /// Its status as stored.
     pub status: String,
+    /// When it started.
     pub started_at: DateTime<Utc>,
+    /// When it finished, if it did.
     pub finished_at: Option<DateTime<Utc>>,
 }
 

@@ -19,24 +19,46 @@ pub const MAX_USER_ID_LEN: i32 = 512;
 /// Rows are passed on to the writer in chunks of about this many bytes.
 const CHUNK: usize = 256 * 1024;
 
+/// Why an audience's query could not be captured.
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
+    /// The query is not usable.
     #[error(transparent)]
     Audience(#[from] AudienceError),
     #[error("audience {key:?}: query failed: {message}")]
-    Query { key: String, message: String },
+    /// The query failed (its error, from the database).
+    Query {
+        /// The audience.
+        key: String,
+        /// The database's message.
+        message: String,
+    },
     #[error(
         "audience {key:?}: query was cancelled after the statement timeout of {secs} s; raise [database] statement_timeout_secs or speed the query up"
     )]
-    Timeout { key: String, secs: u64 },
+    /// The query ran past the statement timeout.
+    Timeout {
+        /// The audience.
+        key: String,
+        /// The timeout.
+        secs: u64,
+    },
     #[error("database error while capturing audience {key:?}: {message}")]
-    Db { key: String, message: String },
+    /// Storing the rows failed.
+    Db {
+        /// The audience.
+        key: String,
+        /// The database's message.
+        message: String,
+    },
 }
 
 /// What a capture found.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Captured {
+    /// Distinct usable user ids: the audience's members.
     pub members: i64,
+    /// Rows left out for a NULL, empty or over-long user id.
     pub skipped_rows: i64,
 }
 

@@ -4,22 +4,34 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::{FromRow, PgPool};
 
+/// One audience's state, as `status` prints it.
 #[derive(Debug, Clone, Serialize, FromRow)]
 pub struct AudienceStatus {
+    /// Its key.
     pub key: String,
+    /// Its name.
     pub name: String,
+    /// Whether it is synced.
     pub enabled: bool,
+    /// Members Wigzo has confirmed.
     pub members: i64,
+    /// Its latest run, if any.
     pub last_run_id: Option<i64>,
+    /// That run's kind.
     pub last_run_kind: Option<String>,
+    /// That run's status.
     pub last_run_status: Option<String>,
+    /// When it finished.
     pub last_run_finished_at: Option<DateTime<Utc>>,
+    /// Changes waiting to be sent.
     pub pending: i64,
+    /// Changes rejected or out of retries.
     pub failed: i64,
     /// Why the removal guard held the latest run, while it is the latest.
     pub held_reason: Option<String>,
 }
 
+/// Every audience's state, enabled ones first.
 pub async fn audiences(pool: &PgPool) -> Result<Vec<AudienceStatus>, sqlx::Error> {
     sqlx::query_as(
         "SELECT a.key, a.name, a.enabled,
@@ -37,24 +49,40 @@ pub async fn audiences(pool: &PgPool) -> Result<Vec<AudienceStatus>, sqlx::Error
     .await
 }
 
+/// One run, as `runs` prints it.
 #[derive(Debug, Clone, Serialize, FromRow)]
 pub struct RunRow {
+    /// Its id.
     pub run_id: i64,
+    /// The audience's key.
     pub audience: String,
+    /// initial, incremental or full_resync.
     pub kind: String,
+    /// Its status.
     pub status: String,
+    /// When it started.
     pub started_at: DateTime<Utc>,
+    /// When it finished.
     pub finished_at: Option<DateTime<Utc>>,
+    /// Members the query returned.
     pub members: Option<i64>,
+    /// `true` changes its diff wrote.
     pub added: Option<i64>,
+    /// `false` changes its diff wrote.
     pub removed: Option<i64>,
+    /// Changes confirmed.
     pub sent: i64,
+    /// Changes rejected or out of retries.
     pub failed: i64,
+    /// Extra HTTP attempts.
     pub retried: i64,
+    /// Rows skipped for an unusable user id.
     pub skipped_rows: Option<i64>,
+    /// Why it did not succeed.
     pub error: Option<String>,
 }
 
+/// Recent runs, newest first, of one audience or all.
 pub async fn runs(
     pool: &PgPool,
     audience: Option<&str>,
@@ -100,15 +128,18 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
+/// A value, or `-` when there is none.
 pub fn opt<T: ToString>(v: &Option<T>) -> String {
     v.as_ref().map(T::to_string).unwrap_or_else(|| "-".into())
 }
 
+/// A time in UTC, or `-`.
 pub fn time(t: &Option<DateTime<Utc>>) -> String {
     t.map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
         .unwrap_or_else(|| "-".into())
 }
 
+/// The `status` table, and a line per held audience saying why.
 pub fn render_audiences(rows: &[AudienceStatus]) -> String {
     let body: Vec<Vec<String>> = rows
         .iter()
@@ -151,6 +182,7 @@ pub fn render_audiences(rows: &[AudienceStatus]) -> String {
         .collect::<String>()
 }
 
+/// The `runs` table.
 pub fn render_runs(rows: &[RunRow]) -> String {
     let body: Vec<Vec<String>> = rows
         .iter()

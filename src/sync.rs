@@ -107,14 +107,19 @@ pub enum RunError {
 /// What the worker needs to run syncs.
 #[derive(Clone)]
 pub struct Worker {
+    /// The worker's database.
     pub pool: PgPool,
     /// For the dedicated connection each run holds (its lock and capture table).
     pub connect: PgConnectOptions,
+    /// The Wigzo client.
     pub client: WigzoClient,
+    /// How calls are made.
     pub wigzo: WigzoConfig,
+    /// Longest an audience query may run.
     pub statement_timeout: std::time::Duration,
     /// Identifies this process in runs and leases.
     pub owner: String,
+    /// Fired on shutdown: runs stop claiming and record themselves abandoned.
     pub cancel: CancellationToken,
     /// Draw a progress bar on stderr during delivery when stderr is a terminal (the CLI);
     /// otherwise delivery logs a progress line every 10 s.
@@ -124,6 +129,7 @@ pub struct Worker {
 /// How a run was started, and when it should quietly not happen.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
+    /// Compute and report, write and send nothing.
     pub dry_run: bool,
     /// Recorded in `runs.trigger`.
     pub trigger: Trigger,
@@ -154,22 +160,36 @@ impl RunOptions {
 /// One run's outcome: what `sync --json` prints.
 #[derive(Debug, Clone, Serialize)]
 pub struct RunReport {
+    /// The audience's key.
     pub audience: String,
+    /// Its `runs` row (none for a dry run).
     pub run_id: Option<i64>,
+    /// What it sent.
     pub kind: RunKind,
+    /// How it ended.
     pub status: RunStatus,
+    /// Whether it was a dry run.
     pub dry_run: bool,
+    /// Members the query returned.
     pub members: i64,
+    /// `true` changes.
     pub added: i64,
+    /// `false` changes.
     pub removed: i64,
+    /// Changes Wigzo confirmed.
     pub sent: u64,
+    /// Changes rejected or out of retries.
     pub failed: u64,
+    /// Extra HTTP attempts (429s included).
     pub retried: u64,
     /// The audience's changes held as rejected by Wigzo when the run ended (a run with any is
     /// `partial`).
     pub rejected: i64,
+    /// Rows skipped for an unusable user id.
     pub skipped_rows: i64,
+    /// How long it took.
     pub duration_ms: u64,
+    /// Why it did not succeed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// Why the removal guard held the run (status `held`), or would hold it (dry run).
@@ -178,6 +198,7 @@ pub struct RunReport {
     /// A dry run that a real run would be held.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub would_hold: bool,
+    /// A dry run's first calls, as they would be sent.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub sample: Vec<Value>,
 }

@@ -2,10 +2,13 @@
 
 use tracing_subscriber::EnvFilter;
 
+/// How logs are written on stderr.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
 pub enum LogFormat {
+    /// Human-readable lines.
     #[default]
     Text,
+    /// One JSON object per line, for production.
     Json,
 }
 

@@ -19,10 +19,13 @@ const EXCERPT_LEN: usize = 300;
 /// excerpt is kept.
 pub const MAX_BODY_READ: usize = 4096;
 
+/// Why the client could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    /// reqwest refused the settings.
     #[error("cannot build the HTTP client: {0}")]
     Build(String),
+    /// No organization token.
     #[error("no Wigzo organization token configured: set WIGZO_ORG_TOKEN or [wigzo] org_token")]
     NoToken,
 }
@@ -31,24 +34,41 @@ pub enum ClientError {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     /// 2xx: Wigzo has the change.
-    Confirmed { status: u16 },
+    Confirmed {
+        /// The 2xx status.
+        status: u16,
+    },
     /// 429, 5xx, timeout or connection error: try again later. `throttled` (429) calls do not
     /// use up the attempt budget.
     Retry {
+        /// The HTTP status, if there was an answer.
         status: Option<u16>,
+        /// What went wrong (a body excerpt or the transport error).
         error: String,
+        /// How long Wigzo asked to wait.
         retry_after: Option<Duration>,
+        /// A 429: does not use up the attempt budget.
         throttled: bool,
     },
     /// Any other 4xx: Wigzo refuses this one change.
-    Rejected { status: u16, error: String },
+    Rejected {
+        /// The 4xx status.
+        status: u16,
+        /// A body excerpt, the token blanked out.
+        error: String,
+    },
     /// 401/403: the organization token was refused; the run must stop.
-    Unauthorized { status: u16 },
+    Unauthorized {
+        /// 401 or 403.
+        status: u16,
+    },
     /// 3xx: the call was answered by a redirect, which is never followed (a POST re-sent as a
     /// GET elsewhere would confirm nothing Wigzo applied). `base_url` is wrong; the run must
     /// stop. `location_host` is the host the answer pointed to, if it named one.
     Redirected {
+        /// The 3xx status.
         status: u16,
+        /// The host its `Location` named, if any.
         location_host: Option<String>,
     },
 }
@@ -221,6 +241,7 @@ impl std::fmt::Debug for WigzoClient {
 }
 
 impl WigzoClient {
+    /// A client for this destination; fails without a token.
     pub fn new(cfg: &WigzoConfig) -> Result<Self, ClientError> {
         let token = cfg.org_token.clone().ok_or(ClientError::NoToken)?;
         install_crypto_provider();

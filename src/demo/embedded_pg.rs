@@ -43,42 +43,69 @@ pub enum EmbeddedPgError {
         "PostgreSQL server programs (initdb, pg_ctl) not found; looked in {searched}. \
          Install PostgreSQL (e.g. `apt-get install postgresql`) or set DATABASE_URL to an existing server"
     )]
-    NotInstalled { searched: String },
+    /// PostgreSQL's server programs are not installed.
+    NotInstalled {
+        /// Where they were looked for.
+        searched: String,
+    },
 
     #[error(
         "running as root, but there is no `{user}` system user to run PostgreSQL as \
          (PostgreSQL refuses to run as root); run as a normal user, create the user \
          (e.g. by installing the `postgresql` package), or set DATABASE_URL"
     )]
-    NoPostgresUser { user: String },
+    /// Running as root with no system user to run PostgreSQL as.
+    NoPostgresUser {
+        /// The system user looked for.
+        user: String,
+    },
 
+    /// A program could not be started.
     #[error("could not run `{program}`: {source}")]
     Spawn {
+        /// The program.
         program: String,
+        /// Why it could not run.
         #[source]
         source: std::io::Error,
     },
 
+    /// initdb failed.
     #[error("initdb failed ({status}) in {data_dir}:\n{output}")]
     InitdbFailed {
+        /// The cluster's folder.
         data_dir: PathBuf,
+        /// initdb's exit status.
         status: String,
+        /// What it printed.
         output: String,
     },
 
     #[error(
         "PostgreSQL did not start ({reason}); pg_ctl said:\n{output}\nserver log ({log_file}):\n{log}"
     )]
+    /// The server did not start.
     StartFailed {
+        /// Why it is taken as failed.
         reason: String,
+        /// What pg_ctl printed.
         output: String,
+        /// The server's log file.
         log_file: PathBuf,
+        /// Its last lines.
         log: String,
     },
 
+    /// The server did not stop.
     #[error("pg_ctl stop failed ({status}):\n{output}")]
-    StopFailed { status: String, output: String },
+    StopFailed {
+        /// pg_ctl's exit status.
+        status: String,
+        /// What it printed.
+        output: String,
+    },
 
+    /// A file operation failed.
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }

@@ -41,7 +41,9 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Calls per audience key: `entered` counts trait value `true`, `left` counts `false`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct KeyStats {
+    /// Calls that set the audience's trait to `true`.
     pub entered: u64,
+    /// Calls that set it to `false`.
     pub left: u64,
 }
 
