@@ -464,217 +464,12 @@ impl Config {
             path: path.to_path_buf(),
             message: describe_parse_error(text, &e),
         })?;
-        let setting = |setting: &str, reason: &str| ConfigError::Setting {
-            setting: setting.to_string(),
-            reason: reason.to_string(),
-        };
-
-        let database = DatabaseConfig {
-            url: env
-                .database_url
-                .clone()
-                .map(SecretString::from)
-                .or(raw.database.url),
-            max_connections: raw.database.max_connections.unwrap_or(10),
-            statement_timeout: Duration::from_secs(
-                raw.database.statement_timeout_secs.unwrap_or(300),
-            ),
-        };
-        if database.max_connections < 2 {
-            return Err(setting(
-                "database.max_connections",
-                "must be at least 2 (one run holds a connection while it delivers)",
-            ));
-        }
-        if database.statement_timeout.is_zero() {
-            return Err(setting(
-                "database.statement_timeout_secs",
-                "must be greater than 0",
-            ));
-        }
-
-        let w = raw.wigzo;
-        let base_url = env
-            .base_url
-            .clone()
-            .or(w.base_url)
-            .unwrap_or_else(|| DEFAULT_BASE_URL.to_string());
-        // The value is not quoted back: a token pasted into the wrong setting must not show.
-        let parsed = reqwest::Url::parse(&base_url)
-            .map_err(|e| setting("wigzo.base_url", &format!("is not a URL ({e})")))?;
-        if !matches!(parsed.scheme(), "http" | "https") || parsed.query().is_some() {
-            return Err(setting(
-                "wigzo.base_url",
-                "must be an http(s) URL without a query string, e.g. https://app.wigzo.com",
-            ));
-        }
-        let defaults = WigzoConfig::new(String::new(), String::new());
-        let wigzo = WigzoConfig {
-            org_token: env
-                .org_token
-                .clone()
-                .map(SecretString::from)
-                .or(w.org_token)
-                .filter(|t| !t.expose_secret().trim().is_empty()),
-            base_url: base_url.trim_end_matches('/').to_string(),
-            requests_per_second: w
-                .requests_per_second
-                .unwrap_or(defaults.requests_per_second),
-            concurrency: w.concurrency.unwrap_or(defaults.concurrency),
-            timeout: w
-                .timeout_secs
-                .map(Duration::from_secs)
-                .unwrap_or(defaults.timeout),
-            max_attempts: w.max_attempts.unwrap_or(defaults.max_attempts),
-            retry_base: w
-                .retry_base_ms
-                .map(Duration::from_millis)
-                .unwrap_or(defaults.retry_base),
-            retry_max: w
-                .retry_max_ms
-                .map(Duration::from_millis)
-                .unwrap_or(defaults.retry_max),
-            batch_size: w.batch_size.unwrap_or(defaults.batch_size),
-            lease: w
-                .lease_secs
-                .map(Duration::from_secs)
-                .unwrap_or(defaults.lease),
-        };
-        if wigzo.concurrency == 0 || wigzo.concurrency > 1024 {
-            return Err(setting("wigzo.concurrency", "must be between 1 and 1024"));
-        }
-        if wigzo.timeout.is_zero() {
-            return Err(setting("wigzo.timeout_secs", "must be greater than 0"));
-        }
-        if wigzo.max_attempts == 0 {
-            return Err(setting("wigzo.max_attempts", "must be at least 1"));
-        }
-        if !(1..=100_000).contains(&wigzo.batch_size) {
-            return Err(setting("wigzo.batch_size", "must be between 1 and 100000"));
-        }
-        if !(Duration::from_secs(1)..=Duration::from_secs(86_400)).contains(&wigzo.lease) {
-            return Err(setting("wigzo.lease_secs", "must be between 1 and 86400"));
-        }
-
-        let ops = OpsConfig {
-            listen: raw.ops.listen.unwrap_or_else(|| "127.0.0.1:9187".into()),
-            trigger_token: raw.ops.trigger_token,
-        };
-        if let Some(token) = &ops.trigger_token {
-            let token = token.expose_secret();
-            if token.trim().is_empty() {
-                return Err(setting(
-                    "ops.trigger_token",
-                    "is empty; remove the setting to keep run triggers off, or set a random token of at least 16 characters",
-                ));
-            }
-            if token.chars().count() < MIN_TRIGGER_TOKEN_LEN {
-                return Err(setting(
-                    "ops.trigger_token",
-                    "is shorter than 16 characters; use a random one, e.g. from `openssl rand -hex 24`",
-                ));
-            }
-        }
-
-        let dd = DaemonConfig::default();
-        let daemon = DaemonConfig {
-            grace_period: raw
-                .daemon
-                .grace_period_secs
-                .map(Duration::from_secs)
-                .unwrap_or(dd.grace_period),
-            max_concurrent_runs: raw
-                .daemon
-                .max_concurrent_runs
-                .unwrap_or(dd.max_concurrent_runs),
-            poll_interval: raw
-                .daemon
-                .poll_interval_secs
-                .map(Duration::from_secs)
-                .unwrap_or(dd.poll_interval),
-            retry_failed: raw
-                .daemon
-                .retry_failed_secs
-                .map(Duration::from_secs)
-                .unwrap_or(dd.retry_failed),
-        };
-        if !(1..=64).contains(&daemon.max_concurrent_runs) {
-            return Err(setting(
-                "daemon.max_concurrent_runs",
-                "must be between 1 and 64",
-            ));
-        }
-        if daemon.poll_interval.is_zero() {
-            return Err(setting(
-                "daemon.poll_interval_secs",
-                "must be greater than 0",
-            ));
-        }
-
-        let guard = raw.guard.over(Guard::default(), "guard")?;
-        let mut audiences: Vec<AudienceDef> = Vec::with_capacity(raw.audiences.len());
-        for a in raw.audiences {
-            let err = |reason: String| ConfigError::Audience {
-                audience: a.name.clone(),
-                reason,
-            };
-            if a.name.trim().is_empty() {
-                return Err(ConfigError::Audience {
-                    audience: a.name.clone(),
-                    reason: "name is empty".into(),
-                });
-            }
-            let key = match &a.key {
-                Some(k) => {
-                    validate_key(k).map_err(|r| err(format!("key is not valid: it {r}")))?;
-                    k.clone()
-                }
-                None => derive_key(&a.name).map_err(|r| {
-                    err(format!(
-                        "{r}; give the audience an explicit key = \"snake_case_key\""
-                    ))
-                })?,
-            };
-            crate::audience::check_not_reserved(&key).map_err(err)?;
-            let schedule = a.schedule.unwrap_or_else(|| DEFAULT_SCHEDULE.to_string());
-            // Neither the value nor the parser's message (which quotes it) is echoed: a value
-            // under the wrong setting can be a secret.
-            crate::audience::parse_schedule(&schedule).map_err(|_| {
-                err(format!(
-                    "schedule is not a valid cron expression: use 6 fields (seconds first, e.g. {DEFAULT_SCHEDULE:?}) or the classic 5"
-                ))
-            })?;
-            let query = a.query.trim().trim_end_matches(';').trim().to_string();
-            if query.is_empty() {
-                return Err(err("query is empty".into()));
-            }
-            if let Some(other) = audiences.iter().find(|o| o.key == key) {
-                return Err(err(format!(
-                    "its key {key:?} is already used by audience {:?}; give one of them an explicit key",
-                    other.name
-                )));
-            }
-            let guard = match a.guard {
-                Some(g) => g.over(guard, "guard").map_err(|e| err(e.to_string()))?,
-                None => guard,
-            };
-            audiences.push(AudienceDef {
-                key,
-                name: a.name.trim().to_string(),
-                schedule,
-                query,
-                source_url: a.source_url,
-                enabled: a.enabled.unwrap_or(true),
-                guard,
-            });
-        }
-
         Ok(Config {
-            database,
-            wigzo,
-            ops,
-            daemon,
-            audiences,
+            database: database(raw.database, env)?,
+            wigzo: wigzo(raw.wigzo, env)?,
+            ops: ops(raw.ops)?,
+            daemon: daemon(raw.daemon)?,
+            audiences: audiences(raw.audiences, raw.guard)?,
             path: None,
         })
     }
@@ -706,6 +501,226 @@ impl Config {
             }
         })
     }
+}
+
+/// An out-of-range setting.
+fn setting(setting: &str, reason: &str) -> ConfigError {
+    ConfigError::Setting {
+        setting: setting.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+/// `[database]`, with `DATABASE_URL` over it.
+fn database(raw: RawDatabase, env: &EnvOverrides) -> Result<DatabaseConfig, ConfigError> {
+    let database = DatabaseConfig {
+        url: env.database_url.clone().map(SecretString::from).or(raw.url),
+        max_connections: raw.max_connections.unwrap_or(10),
+        statement_timeout: Duration::from_secs(raw.statement_timeout_secs.unwrap_or(300)),
+    };
+    if database.max_connections < 2 {
+        return Err(setting(
+            "database.max_connections",
+            "must be at least 2 (one run holds a connection while it delivers)",
+        ));
+    }
+    if database.statement_timeout.is_zero() {
+        return Err(setting(
+            "database.statement_timeout_secs",
+            "must be greater than 0",
+        ));
+    }
+
+    Ok(database)
+}
+
+/// `[wigzo]`, with `WIGZO_ORG_TOKEN` and `WIGZO_BASE_URL` over it.
+fn wigzo(w: RawWigzo, env: &EnvOverrides) -> Result<WigzoConfig, ConfigError> {
+    let base_url = env
+        .base_url
+        .clone()
+        .or(w.base_url)
+        .unwrap_or_else(|| DEFAULT_BASE_URL.to_string());
+    // The value is not quoted back: a token pasted into the wrong setting must not show.
+    let parsed = reqwest::Url::parse(&base_url)
+        .map_err(|e| setting("wigzo.base_url", &format!("is not a URL ({e})")))?;
+    if !matches!(parsed.scheme(), "http" | "https") || parsed.query().is_some() {
+        return Err(setting(
+            "wigzo.base_url",
+            "must be an http(s) URL without a query string, e.g. https://app.wigzo.com",
+        ));
+    }
+    let defaults = WigzoConfig::new(String::new(), String::new());
+    let wigzo = WigzoConfig {
+        org_token: env
+            .org_token
+            .clone()
+            .map(SecretString::from)
+            .or(w.org_token)
+            .filter(|t| !t.expose_secret().trim().is_empty()),
+        base_url: base_url.trim_end_matches('/').to_string(),
+        requests_per_second: w
+            .requests_per_second
+            .unwrap_or(defaults.requests_per_second),
+        concurrency: w.concurrency.unwrap_or(defaults.concurrency),
+        timeout: w
+            .timeout_secs
+            .map(Duration::from_secs)
+            .unwrap_or(defaults.timeout),
+        max_attempts: w.max_attempts.unwrap_or(defaults.max_attempts),
+        retry_base: w
+            .retry_base_ms
+            .map(Duration::from_millis)
+            .unwrap_or(defaults.retry_base),
+        retry_max: w
+            .retry_max_ms
+            .map(Duration::from_millis)
+            .unwrap_or(defaults.retry_max),
+        batch_size: w.batch_size.unwrap_or(defaults.batch_size),
+        lease: w
+            .lease_secs
+            .map(Duration::from_secs)
+            .unwrap_or(defaults.lease),
+    };
+    if wigzo.concurrency == 0 || wigzo.concurrency > 1024 {
+        return Err(setting("wigzo.concurrency", "must be between 1 and 1024"));
+    }
+    if wigzo.timeout.is_zero() {
+        return Err(setting("wigzo.timeout_secs", "must be greater than 0"));
+    }
+    if wigzo.max_attempts == 0 {
+        return Err(setting("wigzo.max_attempts", "must be at least 1"));
+    }
+    if !(1..=100_000).contains(&wigzo.batch_size) {
+        return Err(setting("wigzo.batch_size", "must be between 1 and 100000"));
+    }
+    if !(Duration::from_secs(1)..=Duration::from_secs(86_400)).contains(&wigzo.lease) {
+        return Err(setting("wigzo.lease_secs", "must be between 1 and 86400"));
+    }
+
+    Ok(wigzo)
+}
+
+/// `[ops]`.
+fn ops(raw: RawOps) -> Result<OpsConfig, ConfigError> {
+    let ops = OpsConfig {
+        listen: raw.listen.unwrap_or_else(|| "127.0.0.1:9187".into()),
+        trigger_token: raw.trigger_token,
+    };
+    if let Some(token) = &ops.trigger_token {
+        let token = token.expose_secret();
+        if token.trim().is_empty() {
+            return Err(setting(
+                "ops.trigger_token",
+                "is empty; remove the setting to keep run triggers off, or set a random token of at least 16 characters",
+            ));
+        }
+        if token.chars().count() < MIN_TRIGGER_TOKEN_LEN {
+            return Err(setting(
+                "ops.trigger_token",
+                "is shorter than 16 characters; use a random one, e.g. from `openssl rand -hex 24`",
+            ));
+        }
+    }
+
+    Ok(ops)
+}
+
+/// `[daemon]`.
+fn daemon(raw: RawDaemon) -> Result<DaemonConfig, ConfigError> {
+    let dd = DaemonConfig::default();
+    let daemon = DaemonConfig {
+        grace_period: raw
+            .grace_period_secs
+            .map(Duration::from_secs)
+            .unwrap_or(dd.grace_period),
+        max_concurrent_runs: raw.max_concurrent_runs.unwrap_or(dd.max_concurrent_runs),
+        poll_interval: raw
+            .poll_interval_secs
+            .map(Duration::from_secs)
+            .unwrap_or(dd.poll_interval),
+        retry_failed: raw
+            .retry_failed_secs
+            .map(Duration::from_secs)
+            .unwrap_or(dd.retry_failed),
+    };
+    if !(1..=64).contains(&daemon.max_concurrent_runs) {
+        return Err(setting(
+            "daemon.max_concurrent_runs",
+            "must be between 1 and 64",
+        ));
+    }
+    if daemon.poll_interval.is_zero() {
+        return Err(setting(
+            "daemon.poll_interval_secs",
+            "must be greater than 0",
+        ));
+    }
+
+    Ok(daemon)
+}
+
+/// The `[[audience]]` entries, with `[guard]` under each one's own `guard`.
+fn audiences(raw: Vec<RawAudience>, guard: RawGuard) -> Result<Vec<AudienceDef>, ConfigError> {
+    let guard = guard.over(Guard::default(), "guard")?;
+    let mut audiences: Vec<AudienceDef> = Vec::with_capacity(raw.len());
+    for a in raw {
+        let err = |reason: String| ConfigError::Audience {
+            audience: a.name.clone(),
+            reason,
+        };
+        if a.name.trim().is_empty() {
+            return Err(ConfigError::Audience {
+                audience: a.name.clone(),
+                reason: "name is empty".into(),
+            });
+        }
+        let key = match &a.key {
+            Some(k) => {
+                validate_key(k).map_err(|r| err(format!("key is not valid: it {r}")))?;
+                k.clone()
+            }
+            None => derive_key(&a.name).map_err(|r| {
+                err(format!(
+                    "{r}; give the audience an explicit key = \"snake_case_key\""
+                ))
+            })?,
+        };
+        crate::audience::check_not_reserved(&key).map_err(err)?;
+        let schedule = a.schedule.unwrap_or_else(|| DEFAULT_SCHEDULE.to_string());
+        // Neither the value nor the parser's message (which quotes it) is echoed: a value
+        // under the wrong setting can be a secret.
+        crate::audience::parse_schedule(&schedule).map_err(|_| {
+            err(format!(
+                "schedule is not a valid cron expression: use 6 fields (seconds first, e.g. {DEFAULT_SCHEDULE:?}) or the classic 5"
+            ))
+        })?;
+        let query = a.query.trim().trim_end_matches(';').trim().to_string();
+        if query.is_empty() {
+            return Err(err("query is empty".into()));
+        }
+        if let Some(other) = audiences.iter().find(|o| o.key == key) {
+            return Err(err(format!(
+                "its key {key:?} is already used by audience {:?}; give one of them an explicit key",
+                other.name
+            )));
+        }
+        let guard = match a.guard {
+            Some(g) => g.over(guard, "guard").map_err(|e| err(e.to_string()))?,
+            None => guard,
+        };
+        audiences.push(AudienceDef {
+            key,
+            name: a.name.trim().to_string(),
+            schedule,
+            query,
+            source_url: a.source_url,
+            enabled: a.enabled.unwrap_or(true),
+            guard,
+        });
+    }
+
+    Ok(audiences)
 }
 
 #[cfg(test)]
