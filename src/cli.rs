@@ -159,143 +159,169 @@ pub const EXAMPLE_CONFIG: &str = include_str!("../audience-sync.example.toml");
 pub async fn run(cli: Cli) -> Result<i32> {
     let env = EnvOverrides::from_env();
     match &cli.command {
-        Command::Demo(args) => {
-            crate::demo::run(&crate::demo::DemoOptions {
-                keep: args.keep,
-                live: args.live,
-                members: args.members,
-            })
-            .await
-        }
-        Command::Init(args) => {
-            if args.path.exists() && !args.force {
-                bail!(
-                    "{} already exists; pass --force to overwrite it",
-                    args.path.display()
-                );
-            }
-            std::fs::write(&args.path, EXAMPLE_CONFIG)
-                .with_context(|| format!("cannot write {}", args.path.display()))?;
-            println!(
-                "wrote {}; edit it, then run `audience-sync sync --dry-run`",
-                args.path.display()
-            );
-            Ok(0)
-        }
-        Command::Migrate => {
-            let cfg = load_config(&cli, &env)?;
-            let _pool = connect(&cfg).await?;
-            if cli.json {
-                println!("{}", serde_json::json!({"migrated": true}));
-            } else {
-                println!("database is up to date");
-            }
-            Ok(0)
-        }
-        Command::Status => {
-            let cfg = load_config(&cli, &env)?;
-            let pool = prepare_for_reading(&cli, &cfg).await?;
-            let rows = status::audiences(&pool)
-                .await
-                .context("cannot read status")?;
-            if cli.json {
-                println!("{}", serde_json::to_string_pretty(&rows)?);
-            } else {
-                print!("{}", status::render_audiences(&rows));
-            }
-            Ok(0)
-        }
-        Command::Runs(args) => {
-            let cfg = load_config(&cli, &env)?;
-            let pool = prepare_for_reading(&cli, &cfg).await?;
-            let rows = status::runs(&pool, args.audience.as_deref(), args.limit.clamp(1, 10_000))
-                .await
-                .context("cannot read runs")?;
-            if cli.json {
-                println!("{}", serde_json::to_string_pretty(&rows)?);
-            } else {
-                print!("{}", status::render_runs(&rows));
-            }
-            Ok(0)
-        }
-        Command::Run(args) => {
-            let cfg = load_config(&cli, &env)?;
-            let (pool, stored) = prepare(&cfg).await?;
-            let mut worker = worker(&cfg, pool.clone())?;
-            // A daemon logs progress; bars are for people watching a CLI command.
-            worker.progress = false;
-            crate::scheduler::run(cfg, env.clone(), pool, stored, worker, args.listen.clone())
-                .await?;
-            Ok(0)
-        }
-        Command::Sync(args) => {
-            let cfg = load_config(&cli, &env)?;
-            for key in &args.audiences {
-                cfg.audience(key)?;
-            }
-            let (pool, stored) = prepare(&cfg).await?;
-            let chosen: Vec<&Audience> = stored
-                .iter()
-                .filter(|a| {
-                    if args.audiences.is_empty() {
-                        a.def.enabled
-                    } else {
-                        args.audiences.contains(&a.def.key)
-                    }
-                })
-                .collect();
-            if chosen.is_empty() {
-                bail!(
-                    "no enabled audiences to sync; add [[audience]] entries to the config file (see `audience-sync init`)"
-                );
-            }
-            let worker = worker(&cfg, pool)?;
-            let opts = RunOptions {
-                allow_removals: args.allow_removals,
-                ..RunOptions::manual(args.dry_run)
-            };
-            let reports = run_all(&worker, &chosen, Mode::Sync, opts).await;
-            print_reports(&cli, &reports);
-            Ok(exit_code(&reports))
-        }
-        Command::Retry(args) => {
-            let cfg = load_config(&cli, &env)?;
-            cfg.audience(&args.audience)?;
-            let (pool, stored) = prepare(&cfg).await?;
-            let a = stored
-                .iter()
-                .find(|a| a.def.key == args.audience)
-                .expect("validated above");
-            let requeued = crate::outbox::requeue_rejected(&pool, a.id, &[])
-                .await
-                .context("cannot queue the rejected changes again")?;
-            tracing::info!(audience = %a.def.key, requeued, "rejected changes queued again");
-            if !cli.json {
-                println!("{}: {requeued} rejected changes queued again", a.def.key);
-            }
-            let worker = worker(&cfg, pool)?;
-            let reports = run_all(&worker, &[a], Mode::Sync, RunOptions::manual(false)).await;
-            print_reports(&cli, &reports);
-            Ok(exit_code(&reports))
-        }
-        Command::Resync(args) => {
-            let cfg = load_config(&cli, &env)?;
-            cfg.audience(&args.audience)?;
-            let (pool, stored) = prepare(&cfg).await?;
-            let a = stored
-                .iter()
-                .find(|a| a.def.key == args.audience)
-                .expect("validated above");
-            let worker = worker(&cfg, pool)?;
-            let opts = RunOptions {
-                allow_removals: args.allow_removals,
-                ..RunOptions::manual(args.dry_run)
-            };
-            let reports = run_all(&worker, &[a], Mode::FullResync, opts).await;
-            print_reports(&cli, &reports);
-            Ok(exit_code(&reports))
-        }
+        Command::Demo(args) => cmd_demo(args).await,
+        Command::Init(args) => cmd_init(args),
+        Command::Migrate => cmd_migrate(&cli, &env).await,
+        Command::Status => cmd_status(&cli, &env).await,
+        Command::Runs(args) => cmd_runs(&cli, &env, args).await,
+        Command::Run(args) => cmd_run(&cli, &env, args).await,
+        Command::Sync(args) => cmd_sync(&cli, &env, args).await,
+        Command::Retry(args) => cmd_retry(&cli, &env, args).await,
+        Command::Resync(args) => cmd_resync(&cli, &env, args).await,
     }
+}
+
+/// `demo`: the whole job on a throwaway database and receiver.
+async fn cmd_demo(args: &DemoArgs) -> Result<i32> {
+    crate::demo::run(&crate::demo::DemoOptions {
+        keep: args.keep,
+        live: args.live,
+        members: args.members,
+    })
+    .await
+}
+
+/// `init`: writes the example config.
+fn cmd_init(args: &InitArgs) -> Result<i32> {
+    if args.path.exists() && !args.force {
+        bail!(
+            "{} already exists; pass --force to overwrite it",
+            args.path.display()
+        );
+    }
+    std::fs::write(&args.path, EXAMPLE_CONFIG)
+        .with_context(|| format!("cannot write {}", args.path.display()))?;
+    println!(
+        "wrote {}; edit it, then run `audience-sync sync --dry-run`",
+        args.path.display()
+    );
+    Ok(0)
+}
+
+/// `migrate`: applies the migrations.
+async fn cmd_migrate(cli: &Cli, env: &EnvOverrides) -> Result<i32> {
+    let cfg = load_config(cli, env)?;
+    let _pool = connect(&cfg).await?;
+    if cli.json {
+        println!("{}", serde_json::json!({"migrated": true}));
+    } else {
+        println!("database is up to date");
+    }
+    Ok(0)
+}
+
+/// `status`: one line per audience.
+async fn cmd_status(cli: &Cli, env: &EnvOverrides) -> Result<i32> {
+    let cfg = load_config(cli, env)?;
+    let pool = prepare_for_reading(cli, &cfg).await?;
+    let rows = status::audiences(&pool)
+        .await
+        .context("cannot read status")?;
+    if cli.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        print!("{}", status::render_audiences(&rows));
+    }
+    Ok(0)
+}
+
+/// `runs`: recent runs.
+async fn cmd_runs(cli: &Cli, env: &EnvOverrides, args: &RunsArgs) -> Result<i32> {
+    let cfg = load_config(cli, env)?;
+    let pool = prepare_for_reading(cli, &cfg).await?;
+    let rows = status::runs(&pool, args.audience.as_deref(), args.limit.clamp(1, 10_000))
+        .await
+        .context("cannot read runs")?;
+    if cli.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        print!("{}", status::render_runs(&rows));
+    }
+    Ok(0)
+}
+
+/// `run`: the daemon.
+async fn cmd_run(cli: &Cli, env: &EnvOverrides, args: &RunArgs) -> Result<i32> {
+    let cfg = load_config(cli, env)?;
+    let (pool, stored) = prepare(&cfg).await?;
+    let mut worker = worker(&cfg, pool.clone())?;
+    // A daemon logs progress; bars are for people watching a CLI command.
+    worker.progress = false;
+    crate::scheduler::run(cfg, env.clone(), pool, stored, worker, args.listen.clone()).await?;
+    Ok(0)
+}
+
+/// `sync`: one run of the chosen audiences now.
+async fn cmd_sync(cli: &Cli, env: &EnvOverrides, args: &SyncArgs) -> Result<i32> {
+    let cfg = load_config(cli, env)?;
+    for key in &args.audiences {
+        cfg.audience(key)?;
+    }
+    let (pool, stored) = prepare(&cfg).await?;
+    let chosen: Vec<&Audience> = stored
+        .iter()
+        .filter(|a| {
+            if args.audiences.is_empty() {
+                a.def.enabled
+            } else {
+                args.audiences.contains(&a.def.key)
+            }
+        })
+        .collect();
+    if chosen.is_empty() {
+        bail!(
+            "no enabled audiences to sync; add [[audience]] entries to the config file (see `audience-sync init`)"
+        );
+    }
+    let worker = worker(&cfg, pool)?;
+    let opts = RunOptions {
+        allow_removals: args.allow_removals,
+        ..RunOptions::manual(args.dry_run)
+    };
+    let reports = run_all(&worker, &chosen, Mode::Sync, opts).await;
+    print_reports(cli, &reports);
+    Ok(exit_code(&reports))
+}
+
+/// `retry`: rejected changes queued again, then a sync.
+async fn cmd_retry(cli: &Cli, env: &EnvOverrides, args: &RetryArgs) -> Result<i32> {
+    let cfg = load_config(cli, env)?;
+    cfg.audience(&args.audience)?;
+    let (pool, stored) = prepare(&cfg).await?;
+    let a = stored
+        .iter()
+        .find(|a| a.def.key == args.audience)
+        .expect("validated above");
+    let requeued = crate::outbox::requeue_rejected(&pool, a.id, &[])
+        .await
+        .context("cannot queue the rejected changes again")?;
+    tracing::info!(audience = %a.def.key, requeued, "rejected changes queued again");
+    if !cli.json {
+        println!("{}: {requeued} rejected changes queued again", a.def.key);
+    }
+    let worker = worker(&cfg, pool)?;
+    let reports = run_all(&worker, &[a], Mode::Sync, RunOptions::manual(false)).await;
+    print_reports(cli, &reports);
+    Ok(exit_code(&reports))
+}
+
+/// `resync`: a full resync of one audience.
+async fn cmd_resync(cli: &Cli, env: &EnvOverrides, args: &ResyncArgs) -> Result<i32> {
+    let cfg = load_config(cli, env)?;
+    cfg.audience(&args.audience)?;
+    let (pool, stored) = prepare(&cfg).await?;
+    let a = stored
+        .iter()
+        .find(|a| a.def.key == args.audience)
+        .expect("validated above");
+    let worker = worker(&cfg, pool)?;
+    let opts = RunOptions {
+        allow_removals: args.allow_removals,
+        ..RunOptions::manual(args.dry_run)
+    };
+    let reports = run_all(&worker, &[a], Mode::FullResync, opts).await;
+    print_reports(cli, &reports);
+    Ok(exit_code(&reports))
 }
 
 /// 0: every run succeeded; 3: the only runs that did not were held by the removal guard
