@@ -203,14 +203,6 @@ pub async fn deliver(
     cancel: &CancellationToken,
 ) -> Result<DeliveryReport, DeliveryError> {
     let stop = cancel.child_token();
-    let limiter: Option<Arc<DefaultDirectRateLimiter>> = NonZeroU32::new(cfg.requests_per_second)
-        .map(|rps| Arc::new(RateLimiter::direct(Quota::per_second(rps))));
-    let in_flight = Arc::new(Semaphore::new(cfg.concurrency));
-    // Changes held in memory at once (sending or waiting to retry): bounded.
-    let outstanding = Arc::new(Semaphore::new(
-        (cfg.batch_size as usize * 2).max(cfg.concurrency),
-    ));
-    let not_before = Arc::new(Mutex::new(Instant::now()));
     let (res_tx, res_rx) = mpsc::channel::<SendResult>(RECORD_BATCH * 2);
     let recorder = tokio::spawn(record_results(
         pool.clone(),
@@ -225,74 +217,21 @@ pub async fn deliver(
         owner.to_string(),
         cfg.lease,
     ));
-
+    let ctx = Arc::new(SendCtx {
+        client: client.clone(),
+        limiter: NonZeroU32::new(cfg.requests_per_second)
+            .map(|rps| Arc::new(RateLimiter::direct(Quota::per_second(rps)))),
+        in_flight: Arc::new(Semaphore::new(cfg.concurrency)),
+        not_before: Arc::new(Mutex::new(Instant::now())),
+        stop: stop.clone(),
+        max_attempts: cfg.max_attempts,
+        retry_base: cfg.retry_base,
+        retry_max: cfg.retry_max,
+        halted: Arc::new(std::sync::Mutex::new(None::<Halt>)),
+        endpoint: Arc::new(std::sync::Mutex::new(EndpointCheck::default())),
+    });
     let mut tasks = tokio::task::JoinSet::new();
-    let halted = Arc::new(std::sync::Mutex::new(None::<Halt>));
-    let endpoint = Arc::new(std::sync::Mutex::new(EndpointCheck::default()));
-    let mut progress = Instant::now();
-    let mut claimed_total = 0u64;
-    let claim_result: Result<(), sqlx::Error> = async {
-        // One pass in user id order, then one more from the start for anything skipped
-        // (rows whose lease, held by a process that died, expired meanwhile). This run's own
-        // claims never expire while it works on them: `renew_leases` keeps them fresh.
-        let mut after = String::new();
-        let mut second_pass = false;
-        while !stop.is_cancelled() {
-            let claimed = outbox::claim(
-                pool,
-                target.audience_id,
-                owner,
-                &after,
-                cfg.batch_size,
-                cfg.lease,
-            )
-            .await?;
-            let Some(last) = claimed.last else {
-                if second_pass || after.is_empty() {
-                    break;
-                }
-                second_pass = true;
-                after.clear();
-                continue;
-            };
-            after = last;
-            let batch = claimed.changes;
-            claimed_total += batch.len() as u64;
-            for change in batch {
-                let permit = tokio::select! {
-                    p = outstanding.clone().acquire_owned() => p.expect("semaphore open"),
-                    _ = stop.cancelled() => break,
-                };
-                let ctx = SendCtx {
-                    client: client.clone(),
-                    limiter: limiter.clone(),
-                    in_flight: in_flight.clone(),
-                    not_before: not_before.clone(),
-                    stop: stop.clone(),
-                    max_attempts: cfg.max_attempts,
-                    retry_base: cfg.retry_base,
-                    retry_max: cfg.retry_max,
-                    halted: halted.clone(),
-                    endpoint: endpoint.clone(),
-                };
-                let tx = res_tx.clone();
-                let target = target.clone();
-                tasks.spawn(async move {
-                    let r = send_one(&ctx, &target, change).await;
-                    let _ = tx.send(r).await;
-                    drop(permit);
-                });
-                // Reap finished tasks so the set stays small.
-                while tasks.try_join_next().is_some() {}
-            }
-            if progress.elapsed() > Duration::from_secs(10) {
-                tracing::info!(audience = %target.key, claimed = claimed_total, done = target.progress.position(), total = target.progress.length().unwrap_or(0), "delivery progress");
-                progress = Instant::now();
-            }
-        }
-        Ok(())
-    }
-    .await;
+    let claim_result = claim_and_send(pool, cfg, target, owner, &ctx, &res_tx, &mut tasks).await;
     if claim_result.is_err() {
         // No more claims: let the calls in flight end now instead of retrying on.
         stop.cancel();
@@ -301,7 +240,7 @@ pub async fn deliver(
     drop(res_tx);
     let recorded = recorder.await.expect("recorder task panicked");
     renewer.abort();
-    let halted = halted.lock().expect("lock").clone();
+    let halted = ctx.halted.lock().expect("lock").clone();
     let mut report = recorded?;
     if let Some(Halt::WrongEndpoint { .. }) = &halted {
         // The 404s before the verdict were the endpoint's, not the users': owed again.
@@ -325,6 +264,69 @@ pub async fn deliver(
     report.halted = halted;
     report.cancelled = cancel.is_cancelled();
     Ok(report)
+}
+
+/// Claims the audience's pending changes batch by batch and starts a task sending each, with
+/// at most `2 * batch_size` changes held at once. One pass in user id order, then one more
+/// from the start for anything skipped (rows whose lease, held by a process that died,
+/// expired meanwhile); this run's own claims never expire while it works on them, since
+/// `renew_leases` keeps them fresh. Stops claiming when `ctx.stop` fires.
+async fn claim_and_send(
+    pool: &PgPool,
+    cfg: &WigzoConfig,
+    target: &Target,
+    owner: &str,
+    ctx: &Arc<SendCtx>,
+    results: &mpsc::Sender<SendResult>,
+    tasks: &mut tokio::task::JoinSet<()>,
+) -> Result<(), sqlx::Error> {
+    let outstanding = Arc::new(Semaphore::new(
+        (cfg.batch_size as usize * 2).max(cfg.concurrency),
+    ));
+    let mut progress = Instant::now();
+    let mut claimed_total = 0u64;
+    let mut after = String::new();
+    let mut second_pass = false;
+    while !ctx.stop.is_cancelled() {
+        let claimed = outbox::claim(
+            pool,
+            target.audience_id,
+            owner,
+            &after,
+            cfg.batch_size,
+            cfg.lease,
+        )
+        .await?;
+        let Some(last) = claimed.last else {
+            if second_pass || after.is_empty() {
+                break;
+            }
+            second_pass = true;
+            after.clear();
+            continue;
+        };
+        after = last;
+        claimed_total += claimed.changes.len() as u64;
+        for change in claimed.changes {
+            let permit = tokio::select! {
+                p = outstanding.clone().acquire_owned() => p.expect("semaphore open"),
+                _ = ctx.stop.cancelled() => break,
+            };
+            let (ctx, tx, target) = (ctx.clone(), results.clone(), target.clone());
+            tasks.spawn(async move {
+                let r = send_one(&ctx, &target, change).await;
+                let _ = tx.send(r).await;
+                drop(permit);
+            });
+            // Reap finished tasks so the set stays small.
+            while tasks.try_join_next().is_some() {}
+        }
+        if progress.elapsed() > Duration::from_secs(10) {
+            tracing::info!(audience = %target.key, claimed = claimed_total, done = target.progress.position(), total = target.progress.length().unwrap_or(0), "delivery progress");
+            progress = Instant::now();
+        }
+    }
+    Ok(())
 }
 
 /// Writes results in batches while calls go on. If a write fails even on a fresh connection,
