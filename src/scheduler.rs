@@ -125,85 +125,131 @@ pub async fn run(
     worker: Worker,
     listen: Option<String>,
 ) -> Result<()> {
-    let d: DaemonConfig = cfg.daemon.clone();
     let mut hup = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
     let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
-
-    // The ops server: health, readiness, metrics, status page, and (if enabled) triggers.
     let (trigger_tx, mut trigger_rx) = mpsc::channel::<TriggerRequest>(64);
-    let trigger = cfg.ops.trigger_token.clone().map(|token| Trigger {
-        token,
-        tx: trigger_tx.clone(),
-    });
-    let listen = listen.unwrap_or_else(|| cfg.ops.listen.clone());
-    let listener = tokio::net::TcpListener::bind(&listen)
-        .await
-        .with_context(|| {
-            format!("cannot listen on {listen} for the ops server; set [ops] listen or --listen")
-        })?;
-    let ops_stop = CancellationToken::new();
-    let ops_addr = listener.local_addr()?;
-    let ops_task = tokio::spawn(crate::ops::serve(
-        listener,
-        OpsState {
-            pool: pool.clone(),
-            trigger,
-        },
-        ops_stop.clone(),
-    ));
-    tracing::info!(listen = %ops_addr, owner = %worker.owner, audiences = audiences.len(), "daemon started");
+    let ops = OpsServer::start(&cfg, &pool, listen, &trigger_tx).await?;
+    tracing::info!(listen = %ops.addr, owner = %worker.owner, audiences = audiences.len(), "daemon started");
 
-    let mut scheduled = schedules(audiences);
-    let mut tasks: JoinSet<(String, Option<RunReport>)> = JoinSet::new();
-    let mut running: HashMap<String, tokio::task::AbortHandle> = HashMap::new();
-    // After a run (or a skipped attempt) an audience is not looked at again until then.
-    let mut cool_until: HashMap<String, Instant> = HashMap::new();
-
+    let mut daemon = Daemon {
+        settings: cfg.daemon.clone(),
+        pool,
+        worker,
+        scheduled: schedules(audiences),
+        tasks: JoinSet::new(),
+        running: HashMap::new(),
+        cool_until: HashMap::new(),
+    };
     loop {
+        let wake = daemon.start_due_runs().await;
+        tokio::select! {
+            _ = tokio::time::sleep_until(wake) => {}
+            Some(done) = daemon.tasks.join_next(), if !daemon.tasks.is_empty() => daemon.finished(done),
+            Some(req) = trigger_rx.recv() => daemon.requested(req),
+            _ = hup.recv() => daemon.reload(&cfg, &env).await,
+            _ = term.recv() => { tracing::info!("SIGTERM: stopping"); break; }
+            _ = int.recv() => { tracing::info!("SIGINT: stopping"); break; }
+        }
+    }
+    drop(trigger_tx);
+    daemon.drain().await;
+    ops.stop().await;
+    tracing::info!("daemon stopped");
+    Ok(())
+}
+
+/// The daemon's ops server (health, readiness, metrics, status page, and triggers if enabled).
+struct OpsServer {
+    addr: std::net::SocketAddr,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl OpsServer {
+    async fn start(
+        cfg: &Config,
+        pool: &PgPool,
+        listen: Option<String>,
+        triggers: &mpsc::Sender<TriggerRequest>,
+    ) -> Result<Self> {
+        let trigger = cfg.ops.trigger_token.clone().map(|token| Trigger {
+            token,
+            tx: triggers.clone(),
+        });
+        let listen = listen.unwrap_or_else(|| cfg.ops.listen.clone());
+        let listener = tokio::net::TcpListener::bind(&listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot listen on {listen} for the ops server; set [ops] listen or --listen"
+                )
+            })?;
+        let stop = CancellationToken::new();
+        let addr = listener.local_addr()?;
+        let task = tokio::spawn(crate::ops::serve(
+            listener,
+            OpsState {
+                pool: pool.clone(),
+                trigger,
+            },
+            stop.clone(),
+        ));
+        Ok(Self { addr, stop, task })
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// The daemon's state between wake-ups.
+struct Daemon {
+    settings: DaemonConfig,
+    pool: PgPool,
+    worker: Worker,
+    scheduled: Vec<Scheduled>,
+    tasks: JoinSet<(String, Option<RunReport>)>,
+    running: HashMap<String, tokio::task::AbortHandle>,
+    /// After a run (or a skipped attempt) an audience is not looked at again until then.
+    cool_until: HashMap<String, Instant>,
+}
+
+impl Daemon {
+    /// Starts every audience that is due (within `max_concurrent_runs`), records each one's
+    /// next run time, and returns when to look again.
+    async fn start_due_runs(&mut self) -> Instant {
         let now = Utc::now();
-        let mut wake = Instant::now() + d.poll_interval;
-        for s in &scheduled {
-            let key = &s.audience.def.key;
-            if running.contains_key(key) {
+        let mut wake = Instant::now() + self.settings.poll_interval;
+        for i in 0..self.scheduled.len() {
+            let s = &self.scheduled[i];
+            let key = s.audience.def.key.clone();
+            if self.running.contains_key(&key) {
                 continue;
             }
-            if let Some(until) = cool_until.get(key) {
-                if *until > Instant::now() {
-                    wake = wake.min(*until);
-                    continue;
-                }
+            if let Some(until) = self.cool_until.get(&key)
+                && *until > Instant::now()
+            {
+                wake = wake.min(*until);
+                continue;
             }
-            let last = match last_run(&pool, s.audience.id).await {
+            let last = match last_run(&self.pool, s.audience.id).await {
                 Ok(l) => l,
                 Err(e) => {
                     tracing::warn!(audience = %key, error = %crate::audience::db_message(&e), "cannot read the latest run; will retry");
                     continue;
                 }
             };
-            let due = next_due(&s.schedule, last.as_ref(), d.retry_failed, now);
-            let next_tick = if due <= now {
-                s.schedule.after(&now).next()
-            } else {
-                Some(due)
-            };
-            if let Err(e) = sqlx::query(
-                "UPDATE audiences SET next_run_at = $2 WHERE id = $1 AND next_run_at IS DISTINCT FROM $2",
-            )
-            .bind(s.audience.id)
-            .bind(next_tick)
-            .execute(&pool)
-            .await
-            {
-                tracing::debug!(audience = %key, error = %e, "cannot record the next run time");
-            }
+            let due = next_due(&s.schedule, last.as_ref(), self.settings.retry_failed, now);
+            self.record_next_run(s, due, now).await;
             if due > now {
                 if let Ok(wait) = (due - now).to_std() {
                     wake = wake.min(Instant::now() + wait);
                 }
                 continue;
             }
-            if running.len() >= d.max_concurrent_runs {
+            if self.running.len() >= self.settings.max_concurrent_runs {
                 continue;
             }
             let opts = RunOptions {
@@ -214,83 +260,119 @@ pub async fn run(
                 // A held audience is tried again at its tick; only a person releases it.
                 allow_removals: false,
             };
-            let handle = spawn_run(&mut tasks, &worker, s.audience.clone(), Mode::Sync, opts);
-            running.insert(key.clone(), handle);
+            let audience = s.audience.clone();
+            let handle = spawn_run(&mut self.tasks, &self.worker, audience, Mode::Sync, opts);
+            self.running.insert(key, handle);
         }
+        wake
+    }
 
-        tokio::select! {
-            _ = tokio::time::sleep_until(wake) => {}
-            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
-                match done {
-                    Ok((key, report)) => {
-                        running.remove(&key);
-                        cool_until.insert(key.clone(), Instant::now() + d.poll_interval);
-                        if report.is_none() {
-                            tracing::debug!(audience = %key, "skipped: another process has it or already ran it");
-                        }
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "a run task ended abnormally");
-                        running.retain(|_, h| !h.is_finished());
-                    }
-                }
-            }
-            Some(req) = trigger_rx.recv() => {
-                match scheduled.iter().find(|s| s.audience.def.key == req.key) {
-                    Some(s) if !running.contains_key(&req.key) => {
-                        tracing::info!(audience = %req.key, mode = ?req.mode, "run requested over the ops API");
-                        let opts = RunOptions { trigger: run::Trigger::Api, allow_removals: req.allow_removals, ..RunOptions::manual(false) };
-                        let handle = spawn_run(&mut tasks, &worker, s.audience.clone(), req.mode, opts);
-                        running.insert(req.key.clone(), handle);
-                    }
-                    Some(_) => tracing::warn!(audience = %req.key, "run requested over the ops API ignored: this process is already running it"),
-                    None => tracing::warn!(audience = %req.key, "run requested over the ops API for an audience this process does not schedule"),
-                }
-            }
-            _ = hup.recv() => {
-                tracing::info!("SIGHUP: reloading the configuration");
-                match reload(cfg.path.as_deref(), &env, &pool).await {
-                    Ok(list) => {
-                        scheduled = schedules(list);
-                        cool_until.clear();
-                        tracing::info!(audiences = scheduled.len(), "configuration reloaded");
-                    }
-                    Err(e) => tracing::error!(error = %format!("{e:#}"), "configuration not reloaded; keeping the previous one"),
-                }
-            }
-            _ = term.recv() => { tracing::info!("SIGTERM: stopping"); break; }
-            _ = int.recv() => { tracing::info!("SIGINT: stopping"); break; }
+    /// Writes when the audience's next scheduled run is due, for dashboards.
+    async fn record_next_run(&self, s: &Scheduled, due: DateTime<Utc>, now: DateTime<Utc>) {
+        let next_tick = if due <= now {
+            s.schedule.after(&now).next()
+        } else {
+            Some(due)
+        };
+        if let Err(e) = sqlx::query(
+            "UPDATE audiences SET next_run_at = $2 WHERE id = $1 AND next_run_at IS DISTINCT FROM $2",
+        )
+        .bind(s.audience.id)
+        .bind(next_tick)
+        .execute(&self.pool)
+        .await
+        {
+            tracing::debug!(audience = %s.audience.def.key, error = %e, "cannot record the next run time");
         }
     }
 
-    // Stop claiming; in-flight calls finish and their results are recorded.
-    worker.cancel.cancel();
-    drop(trigger_tx);
-    let drained = tokio::time::timeout(d.grace_period, async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        tasks.abort_all();
-        while tasks.join_next().await.is_some() {}
+    /// A run task ended.
+    fn finished(&mut self, done: Result<(String, Option<RunReport>), tokio::task::JoinError>) {
+        match done {
+            Ok((key, report)) => {
+                self.running.remove(&key);
+                self.cool_until
+                    .insert(key.clone(), Instant::now() + self.settings.poll_interval);
+                if report.is_none() {
+                    tracing::debug!(audience = %key, "skipped: another process has it or already ran it");
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "a run task ended abnormally");
+                self.running.retain(|_, h| !h.is_finished());
+            }
+        }
+    }
+
+    /// A run asked for over the ops API.
+    fn requested(&mut self, req: TriggerRequest) {
+        match self
+            .scheduled
+            .iter()
+            .find(|s| s.audience.def.key == req.key)
+        {
+            Some(s) if !self.running.contains_key(&req.key) => {
+                tracing::info!(audience = %req.key, mode = ?req.mode, "run requested over the ops API");
+                let opts = RunOptions {
+                    trigger: run::Trigger::Api,
+                    allow_removals: req.allow_removals,
+                    ..RunOptions::manual(false)
+                };
+                let audience = s.audience.clone();
+                let handle = spawn_run(&mut self.tasks, &self.worker, audience, req.mode, opts);
+                self.running.insert(req.key.clone(), handle);
+            }
+            Some(_) => {
+                tracing::warn!(audience = %req.key, "run requested over the ops API ignored: this process is already running it")
+            }
+            None => {
+                tracing::warn!(audience = %req.key, "run requested over the ops API for an audience this process does not schedule")
+            }
+        }
+    }
+
+    /// SIGHUP: the config file again; the previous list stays on any error.
+    async fn reload(&mut self, cfg: &Config, env: &EnvOverrides) {
+        tracing::info!("SIGHUP: reloading the configuration");
+        match reload(cfg.path.as_deref(), env, &self.pool).await {
+            Ok(list) => {
+                self.scheduled = schedules(list);
+                self.cool_until.clear();
+                tracing::info!(audiences = self.scheduled.len(), "configuration reloaded");
+            }
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "configuration not reloaded; keeping the previous one")
+            }
+        }
+    }
+
+    /// Shutdown: stop claiming, let in-flight calls finish and their results be recorded
+    /// within the grace period, then abandon what is left for the next worker to resume.
+    async fn drain(mut self) {
+        self.worker.cancel.cancel();
+        let drained = tokio::time::timeout(self.settings.grace_period, async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_ok() {
+            return;
+        }
+        self.tasks.abort_all();
+        while self.tasks.join_next().await.is_some() {}
         // Their sessions (and locks) are gone; leave the runs for the next worker to resume.
         let _ = sqlx::query(
             "UPDATE runs SET status = 'abandoned', finished_at = now(),
                     error = 'stopped by shutdown after the grace period; unsent changes stay pending'
               WHERE owner = $1 AND status = 'running'",
         )
-        .bind(&worker.owner)
-        .execute(&pool)
+        .bind(&self.worker.owner)
+        .execute(&self.pool)
         .await;
         tracing::warn!(
-            grace_secs = d.grace_period.as_secs(),
+            grace_secs = self.settings.grace_period.as_secs(),
             "grace period over; remaining runs abandoned for the next worker to resume"
         );
     }
-    ops_stop.cancel();
-    let _ = ops_task.await;
-    tracing::info!("daemon stopped");
-    Ok(())
 }
 
 fn spawn_run(
