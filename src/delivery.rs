@@ -12,7 +12,7 @@ use tokio::sync::{Mutex, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::WigzoConfig;
-use crate::outbox::{self, Change, Confirmed, NotConfirmed};
+use crate::outbox::{self, Change, ChangeStatus, Confirmed, NotConfirmed};
 use crate::wigzo::{Identify, Outcome, WigzoClient, backoff};
 
 /// Longest wait honoured from one `Retry-After` (longer asks are capped at this).
@@ -357,7 +357,7 @@ async fn record_results(
                     report.retried += change.retries as u64;
                     if failure {
                         report.failed += 1;
-                        if change.status == "rejected" {
+                        if change.status == ChangeStatus::Rejected {
                             report.rejected += 1;
                         }
                     }
@@ -455,7 +455,7 @@ async fn send_one(ctx: &SendCtx, target: &Target, change: Change) -> SendResult 
         };
     loop {
         if ctx.stop.is_cancelled() {
-            return not_confirmed("pending", tries, None, None, false);
+            return not_confirmed(ChangeStatus::Pending, tries, None, None, false);
         }
         let wait_until = *ctx.not_before.lock().await;
         if wait_until > Instant::now() {
@@ -493,12 +493,24 @@ async fn send_one(ctx: &SendCtx, target: &Target, change: Change) -> SendResult 
             }
             Outcome::Rejected { status, error } => {
                 tracing::warn!(audience = %target.key, user_id = %change.user_id, status, error = %error, "Wigzo rejected a change");
-                return not_confirmed("rejected", tries, Some(status), Some(error), true);
+                return not_confirmed(
+                    ChangeStatus::Rejected,
+                    tries,
+                    Some(status),
+                    Some(error),
+                    true,
+                );
             }
             Outcome::Unauthorized { status } => {
                 ctx.halt(Halt::TokenRefused { status });
                 let error = format!("HTTP {status}: the organization token was refused");
-                return not_confirmed("pending", tries, Some(status), Some(error), false);
+                return not_confirmed(
+                    ChangeStatus::Pending,
+                    tries,
+                    Some(status),
+                    Some(error),
+                    false,
+                );
             }
             Outcome::Redirected {
                 status,
@@ -510,7 +522,13 @@ async fn send_one(ctx: &SendCtx, target: &Target, change: Change) -> SendResult 
                 };
                 let error = halt.to_string();
                 ctx.halt(halt);
-                return not_confirmed("pending", tries, Some(status), Some(error), false);
+                return not_confirmed(
+                    ChangeStatus::Pending,
+                    tries,
+                    Some(status),
+                    Some(error),
+                    false,
+                );
             }
             Outcome::Retry {
                 status,
@@ -521,7 +539,13 @@ async fn send_one(ctx: &SendCtx, target: &Target, change: Change) -> SendResult 
                 let wait = if throttled {
                     tries.throttled += 1;
                     if tries.throttled > MAX_THROTTLED {
-                        return not_confirmed("failed", tries, status, Some(error), true);
+                        return not_confirmed(
+                            ChangeStatus::Failed,
+                            tries,
+                            status,
+                            Some(error),
+                            true,
+                        );
                     }
                     let wait = retry_after
                         .unwrap_or_else(|| {
@@ -536,7 +560,13 @@ async fn send_one(ctx: &SendCtx, target: &Target, change: Change) -> SendResult 
                     failures += 1;
                     if failures >= ctx.max_attempts {
                         tracing::warn!(audience = %target.key, user_id = %change.user_id, error = %error, attempts = tries.sent - tries.throttled, "change out of retries for this run");
-                        return not_confirmed("failed", tries, status, Some(error), true);
+                        return not_confirmed(
+                            ChangeStatus::Failed,
+                            tries,
+                            status,
+                            Some(error),
+                            true,
+                        );
                     }
                     retry_after
                         .unwrap_or_else(|| backoff(failures - 1, ctx.retry_base, ctx.retry_max))
@@ -549,7 +579,7 @@ async fn send_one(ctx: &SendCtx, target: &Target, change: Change) -> SendResult 
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = ctx.stop.cancelled() => {
-                return not_confirmed("pending", tries, code, Some(error), false);
+                return not_confirmed(ChangeStatus::Pending, tries, code, Some(error), false);
             }
         }
     }

@@ -231,14 +231,36 @@ pub async fn confirm(
     Ok(n as u64)
 }
 
+/// What a change that was not confirmed becomes in the outbox (`outbox.status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeStatus {
+    /// Owed, to be tried again (the run stopped, or the token was refused).
+    Pending,
+    /// Out of retries in this run (5xx, timeouts); the next run tries again.
+    Failed,
+    /// Wigzo refused it (a 4xx for this change): held until the user's value changes, a full
+    /// resync, or `retry`.
+    Rejected,
+}
+
+impl ChangeStatus {
+    /// The name stored in `outbox.status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChangeStatus::Pending => "pending",
+            ChangeStatus::Failed => "failed",
+            ChangeStatus::Rejected => "rejected",
+        }
+    }
+}
+
 /// Why a change was not confirmed in this run.
 #[derive(Debug, Clone)]
 pub struct NotConfirmed {
     /// The user.
     pub user_id: String,
-    /// `pending` (try again next run, e.g. token refused or cancelled), `failed` (retries used
-    /// up) or `rejected` (a 4xx for this change).
-    pub status: &'static str,
+    /// What it becomes.
+    pub status: ChangeStatus,
     /// Calls of this claim that may have reached Wigzo (not counting 429s). The claim itself
     /// counted one; the record replaces it with this number.
     pub attempts: i32,
@@ -265,7 +287,7 @@ pub async fn record_failures(
         return Ok(());
     }
     let users: Vec<&str> = rows.iter().map(|r| r.user_id.as_str()).collect();
-    let statuses: Vec<&str> = rows.iter().map(|r| r.status).collect();
+    let statuses: Vec<&str> = rows.iter().map(|r| r.status.as_str()).collect();
     let attempts: Vec<i32> = rows.iter().map(|r| r.attempts).collect();
     let throttles: Vec<i32> = rows.iter().map(|r| r.throttles).collect();
     let codes: Vec<Option<i32>> = rows.iter().map(|r| r.last_status).collect();
