@@ -300,20 +300,13 @@ async fn error_bodies_echoing_the_token_are_redacted_everywhere(pool: PgPool) {
 #[sqlx::test]
 async fn a_rejected_change_makes_sync_partial_and_retry_sends_it_again(pool: PgPool) {
     seed(&pool, 5, 5).await;
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(wiremock::matchers::body_partial_json(
-            serde_json::json!({"userId": "2"}),
-        ))
-        .respond_with(ResponseTemplate::new(400).set_body_string("no email or phone"))
-        .with_priority(1)
-        .mount(&server)
-        .await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200))
-        .with_priority(2)
-        .mount(&server)
-        .await;
+    let server = wigzo_first(
+        Some("2"),
+        ResponseTemplate::new(400).set_body_string("no email or phone"),
+        None,
+        ResponseTemplate::new(200),
+    )
+    .await;
     let o = run(&pool, CONFIG, &server.uri(), &["sync", "--json"]);
     assert_eq!(o.code, 1, "a partial run exits 1: {}{}", o.stdout, o.stderr);
     let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();

@@ -68,6 +68,26 @@ impl Daemons {
             .unwrap()
     }
 
+    /// The base URL of daemon `name`'s ops server, read from its log once it is listening.
+    async fn ops_base(&self, name: &str) -> String {
+        let mut addr = String::new();
+        until(30, "the daemon to log its ops address", || {
+            let log = self.log(name);
+            if let Some(at) = log.find("listen=") {
+                addr = log[at + 7..]
+                    .split_whitespace()
+                    .next()
+                    .unwrap()
+                    .trim_matches('"')
+                    .to_string();
+            }
+            let found = !addr.is_empty();
+            async move { found }
+        })
+        .await;
+        format!("http://{addr}")
+    }
+
     fn log(&self, name: &str) -> String {
         std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
     }
@@ -403,22 +423,7 @@ async fn the_daemon_serves_ops_and_runs_a_resync_asked_for_over_the_api(pool: Pg
     );
     let d = Daemons::new(&pool, &server.uri(), &cfg);
     let mut daemon = d.start("d");
-    let mut addr = String::new();
-    until(30, "the daemon to log its ops address", || {
-        let log = d.log("d");
-        if let Some(at) = log.find("listen=") {
-            addr = log[at + 7..]
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .trim_matches('"')
-                .to_string();
-        }
-        let found = !addr.is_empty();
-        async move { found }
-    })
-    .await;
-    let base = format!("http://{addr}");
+    let base = d.ops_base("d").await;
     assert_eq!(
         http_get(format!("{base}/healthz")).await.unwrap().status(),
         200
@@ -476,22 +481,7 @@ async fn a_held_audience_waits_for_its_source_or_a_release_over_the_api(pool: Pg
     );
     let d = Daemons::new(&pool, &server.uri(), &cfg);
     let mut daemon = d.start("d");
-    let mut addr = String::new();
-    until(30, "the daemon to log its ops address", || {
-        let log = d.log("d");
-        if let Some(at) = log.find("listen=") {
-            addr = log[at + 7..]
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .trim_matches('"')
-                .to_string();
-        }
-        let found = !addr.is_empty();
-        async move { found }
-    })
-    .await;
-    let base = format!("http://{addr}");
+    let base = d.ops_base("d").await;
     until(30, "the initial run", || async {
         count(
             &pool,

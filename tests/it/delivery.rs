@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use crate::support::*;
 use sqlx::PgPool;
-use wiremock::matchers::{body_partial_json, method};
+use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
 #[sqlx::test]
@@ -67,18 +67,13 @@ async fn a_429_with_retry_after_is_honoured_and_does_not_use_up_attempts(pool: P
 async fn a_400_for_one_user_is_held_without_blocking_the_audience_until_retried(pool: PgPool) {
     seed(&pool, 10, 10).await;
     let a = audience(&pool).await;
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(body_partial_json(serde_json::json!({"userId": "4"})))
-        .respond_with(ResponseTemplate::new(400).set_body_string(r#"{"error":"invalid phone"}"#))
-        .with_priority(1)
-        .mount(&server)
-        .await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200))
-        .with_priority(2)
-        .mount(&server)
-        .await;
+    let server = wigzo_first(
+        Some("4"),
+        ResponseTemplate::new(400).set_body_string(r#"{"error":"invalid phone"}"#),
+        None,
+        ResponseTemplate::new(200),
+    )
+    .await;
     let w = worker(&pool, &server);
     let r = sync(&w, &a).await;
     assert_eq!(
@@ -150,19 +145,13 @@ async fn a_400_for_one_user_is_held_without_blocking_the_audience_until_retried(
 async fn a_rejected_change_is_sent_again_when_the_users_contact_fields_change(pool: PgPool) {
     seed(&pool, 3, 3).await;
     let a = audience(&pool).await;
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(body_partial_json(serde_json::json!({"userId": "2"})))
-        .respond_with(ResponseTemplate::new(422))
-        .up_to_n_times(1)
-        .with_priority(1)
-        .mount(&server)
-        .await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200))
-        .with_priority(2)
-        .mount(&server)
-        .await;
+    let server = wigzo_first(
+        Some("2"),
+        ResponseTemplate::new(422),
+        Some(1),
+        ResponseTemplate::new(200),
+    )
+    .await;
     let w = worker(&pool, &server);
     assert_eq!(sync(&w, &a).await.status.as_str(), "partial");
     // The user's contact fields change: the held change is owed again.

@@ -106,18 +106,13 @@ async fn an_interrupted_full_resync_is_finished_as_a_full_resync(pool: PgPool) {
     );
 
     // The resync: Wigzo confirms one call, then refuses the token.
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200))
-        .up_to_n_times(1)
-        .with_priority(1)
-        .mount(&server)
-        .await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(401))
-        .with_priority(2)
-        .mount(&server)
-        .await;
+    let server = wigzo_first(
+        None,
+        ResponseTemplate::new(200),
+        Some(1),
+        ResponseTemplate::new(401),
+    )
+    .await;
     let mut cfg = wigzo_config(&server.uri());
     cfg.concurrency = 1;
     let r = worker_with(&pool, cfg)
@@ -228,18 +223,13 @@ async fn a_wrong_endpoint_stops_the_run_instead_of_rejecting_every_change(pool: 
     );
 
     // One real 404 among confirmations is that user's: rejected, the rest delivered.
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(body_partial_json(serde_json::json!({"userId": "7"})))
-        .respond_with(ResponseTemplate::new(404))
-        .with_priority(1)
-        .mount(&server)
-        .await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200))
-        .with_priority(2)
-        .mount(&server)
-        .await;
+    let server = wigzo_first(
+        Some("7"),
+        ResponseTemplate::new(404),
+        None,
+        ResponseTemplate::new(200),
+    )
+    .await;
     let r = sync(&worker(&pool, &server), &a).await;
     assert_eq!(
         (r.status.as_str(), r.sent, r.rejected),
@@ -252,18 +242,13 @@ async fn a_wrong_endpoint_stops_the_run_instead_of_rejecting_every_change(pool: 
 async fn throttles_are_stored_apart_from_attempts(pool: PgPool) {
     seed(&pool, 1, 1).await;
     let a = audience(&pool).await;
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(429).insert_header("Retry-After", "0"))
-        .up_to_n_times(3)
-        .with_priority(1)
-        .mount(&server)
-        .await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(500))
-        .with_priority(2)
-        .mount(&server)
-        .await;
+    let server = wigzo_first(
+        None,
+        ResponseTemplate::new(429).insert_header("Retry-After", "0"),
+        Some(3),
+        ResponseTemplate::new(500),
+    )
+    .await;
     let mut cfg = wigzo_config(&server.uri());
     cfg.max_attempts = 2;
     let r = sync(&worker_with(&pool, cfg), &a).await;

@@ -118,6 +118,34 @@ pub async fn sync(w: &Worker, a: &Audience) -> RunReport {
     w.run(a, Mode::Sync, false).await
 }
 
+/// A mock Wigzo that answers `first` to the calls it picks (only `user`'s when set, at most
+/// `times` of them when set) and `then` to every other call.
+pub async fn wigzo_first(
+    user: Option<&str>,
+    first: ResponseTemplate,
+    times: Option<u64>,
+    then: ResponseTemplate,
+) -> MockServer {
+    let server = MockServer::start().await;
+    let mut picked = Mock::given(method("POST"));
+    if let Some(user) = user {
+        picked = picked.and(wiremock::matchers::body_partial_json(
+            serde_json::json!({ "userId": user }),
+        ));
+    }
+    let mut picked = picked.respond_with(first).with_priority(1);
+    if let Some(n) = times {
+        picked = picked.up_to_n_times(n);
+    }
+    picked.mount(&server).await;
+    Mock::given(method("POST"))
+        .respond_with(then)
+        .with_priority(2)
+        .mount(&server)
+        .await;
+    server
+}
+
 /// Bodies of every identify call received, in arrival order.
 pub async fn calls(server: &MockServer) -> Vec<Value> {
     server
