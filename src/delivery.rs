@@ -453,6 +453,19 @@ async fn send_one(ctx: &SendCtx, target: &Target, change: Change) -> SendResult 
                 failure,
             }
         };
+    // An answer that shows the configuration is wrong stops the whole run; this change stays
+    // owed, its last answer recorded.
+    let stop_run = |halt: Halt, status: u16, tries: Tries| {
+        let error = halt.to_string();
+        ctx.halt(halt);
+        not_confirmed(
+            ChangeStatus::Pending,
+            tries,
+            Some(status),
+            Some(error),
+            false,
+        )
+    };
     loop {
         if ctx.stop.is_cancelled() {
             return not_confirmed(ChangeStatus::Pending, tries, None, None, false);
@@ -502,15 +515,7 @@ async fn send_one(ctx: &SendCtx, target: &Target, change: Change) -> SendResult 
                 );
             }
             Outcome::Unauthorized { status } => {
-                ctx.halt(Halt::TokenRefused { status });
-                let error = format!("HTTP {status}: the organization token was refused");
-                return not_confirmed(
-                    ChangeStatus::Pending,
-                    tries,
-                    Some(status),
-                    Some(error),
-                    false,
-                );
+                return stop_run(Halt::TokenRefused { status }, status, tries);
             }
             Outcome::Redirected {
                 status,
@@ -520,15 +525,7 @@ async fn send_one(ctx: &SendCtx, target: &Target, change: Change) -> SendResult 
                     status,
                     location_host,
                 };
-                let error = halt.to_string();
-                ctx.halt(halt);
-                return not_confirmed(
-                    ChangeStatus::Pending,
-                    tries,
-                    Some(status),
-                    Some(error),
-                    false,
-                );
+                return stop_run(halt, status, tries);
             }
             Outcome::Retry {
                 status,
