@@ -38,7 +38,22 @@ fn audience(key: &str) -> Labels {
 /// Renders every metric in the OpenMetrics text format.
 pub async fn render(pool: &PgPool) -> Result<String, sqlx::Error> {
     let mut registry = Registry::default();
+    register_runs(&mut registry, pool).await?;
+    register_changes(&mut registry, pool).await?;
+    register_audiences(&mut registry, pool).await?;
+    registry.register(
+        "audience_sync_delivery_latency_seconds",
+        "Duration of identify calls made by this process",
+        DELIVERY_LATENCY.clone(),
+    );
 
+    let mut out = String::new();
+    encode(&mut out, &registry).expect("writing to a String cannot fail");
+    Ok(out)
+}
+
+/// `audience_sync_runs`: runs by audience, kind and final status.
+async fn register_runs(registry: &mut Registry, pool: &PgPool) -> Result<(), sqlx::Error> {
     let runs = Family::<Labels, Counter>::default();
     let rows: Vec<(String, String, String, i64)> = sqlx::query_as(
         "SELECT a.key, r.kind, r.status, count(*) FROM runs r JOIN audiences a ON a.id = r.audience_id
@@ -57,7 +72,11 @@ pub async fn render(pool: &PgPool) -> Result<String, sqlx::Error> {
         "Runs by audience, kind and final status",
         runs,
     );
+    Ok(())
+}
 
+/// Changes sent, failed and retried, and the last success, per audience (sums over runs).
+async fn register_changes(registry: &mut Registry, pool: &PgPool) -> Result<(), sqlx::Error> {
     let sent = Family::<Labels, Counter>::default();
     let failed = Family::<Labels, Counter>::default();
     let retried = Family::<Labels, Counter>::default();
@@ -100,7 +119,11 @@ pub async fn render(pool: &PgPool) -> Result<String, sqlx::Error> {
         "When the audience's latest successful run finished (Unix time)",
         last_success,
     );
+    Ok(())
+}
 
+/// Per audience now: members, pending and failed changes, the oldest pending one, held.
+async fn register_audiences(registry: &mut Registry, pool: &PgPool) -> Result<(), sqlx::Error> {
     let pending = Family::<Labels, Gauge>::default();
     let failed_now = Family::<Labels, Gauge>::default();
     let members = Family::<Labels, Gauge>::default();
@@ -146,13 +169,5 @@ pub async fn render(pool: &PgPool) -> Result<String, sqlx::Error> {
         "Age of the oldest change still owed to Wigzo (0 when none)",
         oldest,
     );
-    registry.register(
-        "audience_sync_delivery_latency_seconds",
-        "Duration of identify calls made by this process",
-        DELIVERY_LATENCY.clone(),
-    );
-
-    let mut out = String::new();
-    encode(&mut out, &registry).expect("writing to a String cannot fail");
-    Ok(out)
+    Ok(())
 }

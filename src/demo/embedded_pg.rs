@@ -11,9 +11,10 @@
 //! Why not the `pgtemp` crate (read at its current source): it also listens on a TCP port
 //! (random, so it can clash), runs `initdb`/`postgres` from `PATH` (Debian installs them under
 //! `/usr/lib/postgresql/<version>/bin`, which is not on it), needs `sudo` when root (minimal
-//! images have `runuser` but not `sudo`), shells out to `createdb`, and panics instead of
-//! returning errors. Each of those would break `demo` on a fresh Debian machine, which this
-//! module handles.
+//! images have `runuser` but not `sudo`: the machine CI runs on, as root, has no `sudo`, so
+//! pgtemp could not start a cluster there at all), shells out to `createdb`, and panics
+//! instead of returning errors. Each of those would break `demo` on a fresh Debian machine,
+//! which this module handles.
 
 use std::ffi::OsString;
 use std::fmt::Write as _;
