@@ -30,9 +30,10 @@ impl Default for Guard {
 /// What a run's query and diff would do to an audience, as the guard weighs it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Seen {
-    /// Members Wigzo has confirmed (`true`).
+    /// Users Wigzo has, or may have, as members: confirmed `true`, or owed a `true` that may
+    /// already have reached it (a first sync whose calls timed out counts here).
     pub confirmed: i64,
-    /// Of those, members the query no longer returns: the run would send each a `false`.
+    /// Of those, users the query no longer returns: the run would send each a `false`.
     pub removing: i64,
     /// Usable rows the query returned (distinct user ids).
     pub rows: i64,
@@ -69,8 +70,8 @@ impl Guard {
     }
 }
 
-/// Counts the audience's confirmed members and those the captured snapshot
-/// (`pg_temp.audience_capture`) no longer has.
+/// Counts the users Wigzo has or may have as the audience's members, and those the captured
+/// snapshot (`pg_temp.audience_capture`) no longer has.
 pub async fn measure(conn: &mut PgConnection, audience_id: i64) -> Result<(i64, i64), sqlx::Error> {
     sqlx::query_as(crate::sql::GUARD_MEASURE)
         .bind(audience_id)

@@ -6,6 +6,8 @@ use audience_sync::audience::{Audience, store_definitions};
 use audience_sync::guard::Guard;
 use audience_sync::sync::{Mode, RunOptions, RunReport, Worker};
 use sqlx::PgPool;
+use wiremock::matchers::method;
+use wiremock::{Mock, MockServer, ResponseTemplate};
 
 async fn released(w: &Worker, a: &Audience, mode: Mode) -> RunReport {
     let opts = RunOptions {
@@ -205,4 +207,38 @@ async fn a_full_resync_over_the_limit_is_held_the_same_way(pool: PgPool) {
         ("full_resync", "succeeded", 100, 100),
         "{r:?}"
     );
+}
+
+#[sqlx::test]
+async fn members_wigzo_may_hold_unconfirmed_count_for_the_guard(pool: PgPool) {
+    // The first sync's calls all time out: nothing is confirmed, but Wigzo may hold every
+    // member. Then the source empties: the `false`s would reach users Wigzo may have.
+    seed(&pool, 150, 150).await;
+    let a = audience(&pool).await;
+    let down = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(503))
+        .mount(&down)
+        .await;
+    let mut cfg = wigzo_config(&down.uri());
+    cfg.max_attempts = 1;
+    assert_eq!(
+        sync(&worker_with(&pool, cfg), &a).await.status.as_str(),
+        "failed"
+    );
+    assert_eq!(confirmed_members(&pool).await, 0);
+    sqlx::query("DELETE FROM shop_users")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let ok = wigzo_ok().await;
+    let r = sync(&worker(&pool, &ok), &a).await;
+    assert_eq!((r.status.as_str(), r.sent), ("held", 0), "{r:?}");
+    assert!(
+        r.held_reason
+            .unwrap()
+            .starts_with("would remove 150 of 150 confirmed members"),
+        "the owed members Wigzo may hold count"
+    );
+    assert!(calls(&ok).await.is_empty());
 }
