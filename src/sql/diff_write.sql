@@ -1,7 +1,10 @@
 -- (follows diff.sql) Writes the run's changes to the outbox; $3 = run id. Returns the counts
--- of `true` and `false` changes. Invariants: one messageId per change (the same value keeps
--- its change number; a new value moves past a replaced change that may have been sent), and
--- rejected changes are held until their value or contact fields change or a full resync asks.
+-- of `true` and `false` changes. Invariant: one messageId per change. The same change (same
+-- value and contact fields) keeps its change number, so its retries carry one messageId,
+-- with its attempts and detection time. Anything else is a new change: its number moves past
+-- the replaced one's if that may have been sent, so a destination that drops repeated
+-- messageIds never drops it. A rejected change is held until it changes or a full resync
+-- asks again.
 , ins AS (
     INSERT INTO outbox (audience_id, user_id, member, email, phone, name, target_version, run_id)
     SELECT $1, user_id, member, email, phone, name, target_version, $3
@@ -10,17 +13,28 @@
         member = EXCLUDED.member, email = EXCLUDED.email, phone = EXCLUDED.phone,
         name = EXCLUDED.name, run_id = EXCLUDED.run_id, next_attempt_at = now(),
         lease_owner = NULL, lease_until = NULL,
-        target_version = CASE WHEN outbox.member = EXCLUDED.member OR outbox.attempts = 0
+        target_version = CASE WHEN (outbox.member, outbox.email, outbox.phone, outbox.name)
+                                   IS NOT DISTINCT FROM
+                                   (EXCLUDED.member, EXCLUDED.email, EXCLUDED.phone, EXCLUDED.name)
+                                OR outbox.attempts = 0
                               THEN outbox.target_version
                               ELSE outbox.target_version + 1 END,
-        attempts = CASE WHEN outbox.member = EXCLUDED.member THEN outbox.attempts ELSE 0 END,
-        throttles = CASE WHEN outbox.member = EXCLUDED.member THEN outbox.throttles ELSE 0 END,
-        created_at = CASE WHEN outbox.member = EXCLUDED.member
+        attempts = CASE WHEN (outbox.member, outbox.email, outbox.phone, outbox.name)
+                             IS NOT DISTINCT FROM
+                             (EXCLUDED.member, EXCLUDED.email, EXCLUDED.phone, EXCLUDED.name)
+                        THEN outbox.attempts ELSE 0 END,
+        throttles = CASE WHEN (outbox.member, outbox.email, outbox.phone, outbox.name)
+                              IS NOT DISTINCT FROM
+                              (EXCLUDED.member, EXCLUDED.email, EXCLUDED.phone, EXCLUDED.name)
+                         THEN outbox.throttles ELSE 0 END,
+        created_at = CASE WHEN (outbox.member, outbox.email, outbox.phone, outbox.name)
+                               IS NOT DISTINCT FROM
+                               (EXCLUDED.member, EXCLUDED.email, EXCLUDED.phone, EXCLUDED.name)
                           THEN outbox.created_at ELSE now() END,
         status = CASE WHEN outbox.status = 'rejected' AND NOT $2
-                           AND outbox.member = EXCLUDED.member
-                           AND (outbox.email, outbox.phone, outbox.name)
-                               IS NOT DISTINCT FROM (EXCLUDED.email, EXCLUDED.phone, EXCLUDED.name)
+                           AND (outbox.member, outbox.email, outbox.phone, outbox.name)
+                               IS NOT DISTINCT FROM
+                               (EXCLUDED.member, EXCLUDED.email, EXCLUDED.phone, EXCLUDED.name)
                       THEN 'rejected' ELSE 'pending' END
     RETURNING member
 )

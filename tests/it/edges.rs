@@ -96,6 +96,46 @@ async fn each_message_id_names_one_change_through_unconfirmed_flip_flops(pool: P
 }
 
 #[sqlx::test]
+async fn a_changed_email_is_a_new_change_with_its_own_message_id(pool: PgPool) {
+    // User 1 enters; the call times out (Wigzo may have applied it). Before the retry, the
+    // user's email changes: the next call must not reuse the first call's messageId, or a
+    // destination that drops repeated ids keeps the old email while we record the new one.
+    seed(&pool, 2, 2).await;
+    let a = audience(&pool).await;
+    let down = wigzo_answering(503).await;
+    let mut cfg = wigzo_config(&down.uri());
+    cfg.max_attempts = 1;
+    assert_eq!(
+        sync(&worker_with(&pool, cfg), &a).await.status.as_str(),
+        "failed"
+    );
+    let first = calls(&down).await;
+    let first_id = first.iter().find(|c| c["userId"] == "1").unwrap()["messageId"].clone();
+    sqlx::query("UPDATE shop_users SET email = 'new@example.com' WHERE id = 1")
+        .execute(&pool)
+        .await
+        .unwrap();
+    // The dry run's sample shows the id the real run will send.
+    let ok = wigzo_ok().await;
+    let w = worker(&pool, &ok);
+    let preview = w.run(&a, audience_sync::sync::Mode::Sync, true).await;
+    let sampled = preview.sample.iter().find(|c| c["userId"] == "1").unwrap()["messageId"].clone();
+    assert!(sync(&w, &a).await.succeeded());
+    let second = calls(&ok).await;
+    let again = second.iter().find(|c| c["userId"] == "1").unwrap();
+    assert_eq!(again["email"], "new@example.com");
+    assert_ne!(
+        again["messageId"], first_id,
+        "a new payload reused a messageId"
+    );
+    assert_eq!(again["messageId"], sampled, "the dry run showed another id");
+    // User 2's change did not change: its retry keeps its id.
+    let id2 =
+        |calls: &[Value]| calls.iter().find(|c| c["userId"] == "2").unwrap()["messageId"].clone();
+    assert_eq!(id2(&second), id2(&first));
+}
+
+#[sqlx::test]
 async fn an_interrupted_full_resync_is_finished_as_a_full_resync(pool: PgPool) {
     seed(&pool, 49, 49).await;
     let a = audience(&pool).await;
