@@ -292,7 +292,7 @@ async fn cmd_retry(cli: &Cli, env: &EnvOverrides, args: &RetryArgs) -> Result<i3
         .iter()
         .find(|a| a.def.key == args.audience)
         .expect("validated above");
-    let requeued = crate::outbox::requeue_rejected(&pool, a.id, &[])
+    let requeued = crate::outbox::requeue_rejected(&pool, a.id, None)
         .await
         .context("cannot queue the rejected changes again")?;
     tracing::info!(audience = %a.def.key, requeued, "rejected changes queued again");

@@ -145,6 +145,9 @@ pub struct DeliveryReport {
     pub halted: Option<Halt>,
     /// The last error seen on a change that was not confirmed.
     pub last_error: Option<String>,
+    /// Users rejected with 404/405/410 in this delivery (at most the first answers and the
+    /// calls in flight with them: all that a wrong endpoint can have answered).
+    pub endpoint_rejected: Vec<String>,
     /// Shutdown (or a lost lock) stopped it.
     pub cancelled: bool,
 }
@@ -210,6 +213,7 @@ pub async fn deliver(
         owner.to_string(),
         stop.clone(),
         res_rx,
+        ENDPOINT_PROBE as usize + cfg.concurrency,
     ));
     let renewer = tokio::spawn(renew_leases(
         pool.clone(),
@@ -243,9 +247,11 @@ pub async fn deliver(
     let halted = ctx.halted.lock().expect("lock").clone();
     let mut report = recorded?;
     if let Some(Halt::WrongEndpoint { .. }) = &halted {
-        // The 404s before the verdict were the endpoint's, not the users': owed again.
+        // The 404s before the verdict were the endpoint's, not the users': owed again. Only
+        // this delivery's: changes rejected by earlier runs stay held.
+        let users = std::mem::take(&mut report.endpoint_rejected);
         let reset = retry_write("re-queueing changes answered by a wrong endpoint", || {
-            outbox::requeue_rejected(pool, target.audience_id, &WRONG_ENDPOINT)
+            outbox::requeue_rejected(pool, target.audience_id, Some(&users))
         })
         .await?;
         report.failed = report.failed.saturating_sub(reset);
@@ -337,6 +343,7 @@ async fn record_results(
     owner: String,
     stop: CancellationToken,
     mut results: mpsc::Receiver<SendResult>,
+    endpoint_cap: usize,
 ) -> Result<DeliveryReport, sqlx::Error> {
     let mut report = DeliveryReport::default();
     let mut buf = Vec::with_capacity(RECORD_BATCH);
@@ -359,6 +366,12 @@ async fn record_results(
                         report.failed += 1;
                         if change.status == ChangeStatus::Rejected {
                             report.rejected += 1;
+                            let by_endpoint = change
+                                .last_status
+                                .is_some_and(|s| WRONG_ENDPOINT.iter().any(|w| i32::from(*w) == s));
+                            if by_endpoint && report.endpoint_rejected.len() < endpoint_cap {
+                                report.endpoint_rejected.push(change.user_id.clone());
+                            }
                         }
                     }
                     if change.error.is_some() {

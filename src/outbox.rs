@@ -326,21 +326,20 @@ pub async fn renew_leases(
     .rows_affected())
 }
 
-/// Makes an audience's rejected changes pending again (all of them, or those rejected with
-/// one of `statuses`), to be sent by its next run. Returns how many.
+/// Makes an audience's rejected changes pending again (all of them, or only these users'), to
+/// be sent by its next run. Returns how many.
 pub async fn requeue_rejected(
     pool: &PgPool,
     audience_id: i64,
-    statuses: &[u16],
+    only_users: Option<&[String]>,
 ) -> Result<u64, sqlx::Error> {
-    let statuses: Vec<i32> = statuses.iter().map(|s| i32::from(*s)).collect();
     Ok(sqlx::query(
         "UPDATE outbox SET status = 'pending', next_attempt_at = now()
           WHERE audience_id = $1 AND status = 'rejected'
-            AND (cardinality($2::int[]) = 0 OR last_status = ANY ($2))",
+            AND ($2::text[] IS NULL OR user_id = ANY ($2))",
     )
     .bind(audience_id)
-    .bind(&statuses)
+    .bind(only_users)
     .execute(pool)
     .await?
     .rows_affected())

@@ -128,7 +128,7 @@ async fn a_400_for_one_user_is_held_without_blocking_the_audience_until_retried(
 
     // `retry` queues it again: one call, with the messageId of its first attempt.
     assert_eq!(
-        audience_sync::outbox::requeue_rejected(&pool, a.id, &[])
+        audience_sync::outbox::requeue_rejected(&pool, a.id, None)
             .await
             .unwrap(),
         1

@@ -276,6 +276,30 @@ async fn a_wrong_endpoint_stops_the_run_instead_of_rejecting_every_change(pool: 
         ("partial", 199, 1),
         "{r:?}"
     );
+
+    // A wrong endpoint again, with 60 changes owed: the halt re-queues only its own 404s, and
+    // user 7's earlier, genuine rejection stays held.
+    let gone: Vec<i64> = (101..=160).collect();
+    set_members(&pool, &gone, false).await;
+    let r = sync(&worker(&pool, &wigzo_answering(404).await), &a).await;
+    assert_eq!((r.status.as_str(), r.rejected), ("failed", 0), "{r:?}");
+    assert_eq!(
+        scalar(
+            &pool,
+            "SELECT count(*) FROM outbox WHERE status = 'rejected'"
+        )
+        .await,
+        1,
+        "only user 7 stays rejected"
+    );
+    assert_eq!(
+        scalar(
+            &pool,
+            "SELECT count(*) FROM outbox WHERE status = 'rejected' AND user_id = '7'"
+        )
+        .await,
+        1
+    );
 }
 
 #[sqlx::test]
