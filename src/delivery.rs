@@ -449,86 +449,23 @@ struct Tries {
 /// Sends one change until it is confirmed, rejected, out of attempts, or the run stops.
 async fn send_one(ctx: &SendCtx, target: &Target, change: Change) -> SendResult {
     let body = Identify::new(target.audience_id, &target.key, &change);
-    let mut tries = Tries::default();
-    let mut failures: u32 = 0;
-    let not_confirmed =
-        |status, tries: Tries, code: Option<u16>, error: Option<String>, failure| {
-            SendResult::NotConfirmed {
-                change: NotConfirmed {
-                    user_id: change.user_id.clone(),
-                    status,
-                    attempts: (tries.sent - tries.throttled) as i32,
-                    throttles: tries.throttled as i32,
-                    retries: tries.sent.saturating_sub(1) as i32,
-                    last_status: code.map(i32::from),
-                    error,
-                },
-                failure,
-            }
-        };
-    // An answer that shows the configuration is wrong stops the whole run; this change stays
-    // owed, its last answer recorded.
-    let stop_run = |halt: Halt, status: u16, tries: Tries| {
-        let error = halt.to_string();
-        ctx.halt(halt);
-        not_confirmed(
-            ChangeStatus::Pending,
-            tries,
-            Some(status),
-            Some(error),
-            false,
-        )
+    let mut a = Attempts {
+        change: &change,
+        tries: Tries::default(),
+        failures: 0,
     };
     loop {
-        if ctx.stop.is_cancelled() {
-            return not_confirmed(ChangeStatus::Pending, tries, None, None, false);
-        }
-        let wait_until = *ctx.not_before.lock().await;
-        if wait_until > Instant::now() {
-            tokio::select! {
-                _ = tokio::time::sleep_until(wait_until.into()) => {}
-                _ = ctx.stop.cancelled() => continue,
-            }
-        }
-        if let Some(l) = &ctx.limiter {
-            l.until_ready().await;
-        }
-        let outcome = {
-            let _permit = ctx.in_flight.acquire().await.expect("semaphore open");
-            // The run may have stopped (e.g. token refused) while this call waited its turn.
-            if ctx.stop.is_cancelled() {
-                continue;
-            }
-            tries.sent += 1;
-            ctx.client.send(&body).await
+        let Some(outcome) = ctx.call(&body, &mut a.tries).await else {
+            return a.not_confirmed(ChangeStatus::Pending, None, None, false);
         };
-        if let Some(status) = outcome.status()
-            && ctx.endpoint.lock().expect("lock").answer(status)
-        {
-            ctx.halt(Halt::WrongEndpoint { status });
-        }
         let (code, error, wait) = match outcome {
-            Outcome::Confirmed { .. } => {
-                return SendResult::Confirmed(Confirmed {
-                    user_id: change.user_id.clone(),
-                    target_version: change.target_version,
-                    member: change.member,
-                    message_id: change.message_id,
-                    extra_attempts: tries.sent as i32 - 1,
-                });
-            }
+            Outcome::Confirmed { .. } => return a.confirmed(),
             Outcome::Rejected { status, error } => {
                 tracing::warn!(audience = %target.key, user_id = %change.user_id, status, error = %error, "Wigzo rejected a change");
-                return not_confirmed(
-                    ChangeStatus::Rejected,
-                    tries,
-                    Some(status),
-                    Some(error),
-                    true,
-                );
+                return a.not_confirmed(ChangeStatus::Rejected, Some(status), Some(error), true);
             }
             Outcome::Unauthorized { status } => {
-                return stop_run(Halt::TokenRefused { status }, status, tries);
+                return a.stop_run(ctx, Halt::TokenRefused { status }, status);
             }
             Outcome::Redirected {
                 status,
@@ -538,60 +475,148 @@ async fn send_one(ctx: &SendCtx, target: &Target, change: Change) -> SendResult 
                     status,
                     location_host,
                 };
-                return stop_run(halt, status, tries);
+                return a.stop_run(ctx, halt, status);
             }
             Outcome::Retry {
                 status,
                 error,
                 retry_after,
                 throttled,
-            } => {
-                let wait = if throttled {
-                    tries.throttled += 1;
-                    if tries.throttled > MAX_THROTTLED {
-                        return not_confirmed(
-                            ChangeStatus::Failed,
-                            tries,
-                            status,
-                            Some(error),
-                            true,
-                        );
-                    }
-                    let wait = retry_after
-                        .unwrap_or_else(|| {
-                            backoff(tries.throttled - 1, ctx.retry_base, ctx.retry_max)
-                        })
-                        .min(MAX_RETRY_AFTER);
-                    // Everyone pauses: the destination asked us to slow down.
-                    let mut nb = ctx.not_before.lock().await;
-                    *nb = (*nb).max(Instant::now() + wait);
-                    wait
-                } else {
-                    failures += 1;
-                    if failures >= ctx.max_attempts {
-                        tracing::warn!(audience = %target.key, user_id = %change.user_id, error = %error, attempts = tries.sent - tries.throttled, "change out of retries for this run");
-                        return not_confirmed(
-                            ChangeStatus::Failed,
-                            tries,
-                            status,
-                            Some(error),
-                            true,
-                        );
-                    }
-                    retry_after
-                        .unwrap_or_else(|| backoff(failures - 1, ctx.retry_base, ctx.retry_max))
-                        .min(MAX_RETRY_AFTER)
-                };
-                (status, error, wait)
-            }
+            } => match a
+                .next_wait(ctx, target, throttled, retry_after, &error)
+                .await
+            {
+                Some(wait) => (status, error, wait),
+                None => return a.not_confirmed(ChangeStatus::Failed, status, Some(error), true),
+            },
         };
         tracing::debug!(audience = %target.key, user_id = %change.user_id, status = ?code, error = %error, wait_ms = wait.as_millis() as u64, "retrying call");
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = ctx.stop.cancelled() => {
-                return not_confirmed(ChangeStatus::Pending, tries, code, Some(error), false);
+                return a.not_confirmed(ChangeStatus::Pending, code, Some(error), false);
             }
         }
+    }
+}
+
+impl SendCtx {
+    /// Makes one call when it is this change's turn (after any 429 pause, the rate limit and a
+    /// free slot), and watches the answer for a wrong endpoint. `None` if the run stopped
+    /// first.
+    async fn call(&self, body: &Identify<'_>, tries: &mut Tries) -> Option<Outcome> {
+        if self.stop.is_cancelled() {
+            return None;
+        }
+        let wait_until = *self.not_before.lock().await;
+        if wait_until > Instant::now() {
+            tokio::select! {
+                _ = tokio::time::sleep_until(wait_until.into()) => {}
+                _ = self.stop.cancelled() => return None,
+            }
+        }
+        if let Some(l) = &self.limiter {
+            l.until_ready().await;
+        }
+        let outcome = {
+            let _permit = self.in_flight.acquire().await.expect("semaphore open");
+            // The run may have stopped (e.g. token refused) while this call waited its turn.
+            if self.stop.is_cancelled() {
+                return None;
+            }
+            tries.sent += 1;
+            self.client.send(body).await
+        };
+        if let Some(status) = outcome.status()
+            && self.endpoint.lock().expect("lock").answer(status)
+        {
+            self.halt(Halt::WrongEndpoint { status });
+        }
+        Some(outcome)
+    }
+}
+
+/// One change's calls so far.
+struct Attempts<'a> {
+    change: &'a Change,
+    tries: Tries,
+    /// Retryable failures (5xx, timeouts), which use up `max_attempts`; 429s do not.
+    failures: u32,
+}
+
+impl Attempts<'_> {
+    fn confirmed(&self) -> SendResult {
+        SendResult::Confirmed(Confirmed {
+            user_id: self.change.user_id.clone(),
+            target_version: self.change.target_version,
+            member: self.change.member,
+            message_id: self.change.message_id,
+            extra_attempts: self.tries.sent as i32 - 1,
+        })
+    }
+
+    fn not_confirmed(
+        &self,
+        status: ChangeStatus,
+        code: Option<u16>,
+        error: Option<String>,
+        failure: bool,
+    ) -> SendResult {
+        SendResult::NotConfirmed {
+            change: NotConfirmed {
+                user_id: self.change.user_id.clone(),
+                status,
+                attempts: (self.tries.sent - self.tries.throttled) as i32,
+                throttles: self.tries.throttled as i32,
+                retries: self.tries.sent.saturating_sub(1) as i32,
+                last_status: code.map(i32::from),
+                error,
+            },
+            failure,
+        }
+    }
+
+    /// An answer that shows the configuration is wrong stops the whole run; this change
+    /// stays owed, its last answer recorded.
+    fn stop_run(&self, ctx: &SendCtx, halt: Halt, status: u16) -> SendResult {
+        let error = halt.to_string();
+        ctx.halt(halt);
+        self.not_confirmed(ChangeStatus::Pending, Some(status), Some(error), false)
+    }
+
+    /// How long to wait before calling again after a retryable answer, or `None` when the
+    /// change is out of retries (or throttled too often) for this run. A 429 pauses every
+    /// sender, not only this one: the destination asked us to slow down.
+    async fn next_wait(
+        &mut self,
+        ctx: &SendCtx,
+        target: &Target,
+        throttled: bool,
+        retry_after: Option<Duration>,
+        error: &str,
+    ) -> Option<Duration> {
+        if throttled {
+            self.tries.throttled += 1;
+            if self.tries.throttled > MAX_THROTTLED {
+                return None;
+            }
+            let wait = retry_after
+                .unwrap_or_else(|| backoff(self.tries.throttled - 1, ctx.retry_base, ctx.retry_max))
+                .min(MAX_RETRY_AFTER);
+            let mut nb = ctx.not_before.lock().await;
+            *nb = (*nb).max(Instant::now() + wait);
+            return Some(wait);
+        }
+        self.failures += 1;
+        if self.failures >= ctx.max_attempts {
+            tracing::warn!(audience = %target.key, user_id = %self.change.user_id, error = %error, attempts = self.tries.sent - self.tries.throttled, "change out of retries for this run");
+            return None;
+        }
+        Some(
+            retry_after
+                .unwrap_or_else(|| backoff(self.failures - 1, ctx.retry_base, ctx.retry_max))
+                .min(MAX_RETRY_AFTER),
+        )
     }
 }
 
