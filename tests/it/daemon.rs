@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use sqlx::PgPool;
 use tokio::process::{Child, Command};
-use wiremock::matchers::method;
-use wiremock::{Mock, MockServer, ResponseTemplate};
+use wiremock::MockServer;
 
 use crate::support::*;
 
@@ -155,15 +154,6 @@ async fn received(server: &MockServer) -> (HashMap<String, usize>, HashMap<Strin
 
 fn duplicates(ids: &HashMap<String, usize>) -> usize {
     ids.values().map(|n| n - 1).sum()
-}
-
-async fn slow_wigzo(delay_ms: u64) -> MockServer {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200).set_delay(Duration::from_millis(delay_ms)))
-        .mount(&server)
-        .await;
-    server
 }
 
 async fn requests(server: &MockServer) -> usize {

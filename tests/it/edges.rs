@@ -15,16 +15,6 @@ use sqlx::PgPool;
 use wiremock::matchers::{any, body_partial_json, method};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-/// A Wigzo that answers every call with `status`.
-async fn wigzo_answering(status: u16) -> MockServer {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(status))
-        .mount(&server)
-        .await;
-    server
-}
-
 fn message_ids(calls: &[Value]) -> Vec<String> {
     calls
         .iter()
@@ -429,11 +419,7 @@ async fn a_lock_session_that_stops_answering_stops_the_run(pool: PgPool) {
     seed(&pool, 200, 200).await;
     let a = audience(&pool).await;
     // Wigzo answers slowly, so delivery lasts long enough to lose the lock session.
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200).set_delay(Duration::from_millis(200)))
-        .mount(&server)
-        .await;
+    let server = slow_wigzo(200).await;
     // The run's own connection (lock, capture) goes through a proxy we can freeze: a
     // half-open connection, as after a network partition.
     let proxy = FreezableProxy::start().await;

@@ -6,8 +6,6 @@ use audience_sync::audience::{Audience, store_definitions};
 use audience_sync::guard::Guard;
 use audience_sync::sync::{Mode, RunOptions, RunReport, Worker};
 use sqlx::PgPool;
-use wiremock::matchers::method;
-use wiremock::{Mock, MockServer, ResponseTemplate};
 
 async fn released(w: &Worker, a: &Audience, mode: Mode) -> RunReport {
     let opts = RunOptions {
@@ -215,11 +213,7 @@ async fn members_wigzo_may_hold_unconfirmed_count_for_the_guard(pool: PgPool) {
     // member. Then the source empties: the `false`s would reach users Wigzo may have.
     seed(&pool, 150, 150).await;
     let a = audience(&pool).await;
-    let down = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(503))
-        .mount(&down)
-        .await;
+    let down = wigzo_answering(503).await;
     let mut cfg = wigzo_config(&down.uri());
     cfg.max_attempts = 1;
     assert_eq!(

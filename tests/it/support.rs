@@ -118,6 +118,26 @@ pub async fn sync(w: &Worker, a: &Audience) -> RunReport {
     w.run(a, Mode::Sync, false).await
 }
 
+/// A mock Wigzo that answers every call with `status`.
+pub async fn wigzo_answering(status: u16) -> MockServer {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(status))
+        .mount(&server)
+        .await;
+    server
+}
+
+/// A mock Wigzo that confirms every call after `delay_ms`.
+pub async fn slow_wigzo(delay_ms: u64) -> MockServer {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_delay(Duration::from_millis(delay_ms)))
+        .mount(&server)
+        .await;
+    server
+}
+
 /// A mock Wigzo that answers `first` to the calls it picks (only `user`'s when set, at most
 /// `times` of them when set) and `then` to every other call.
 pub async fn wigzo_first(
