@@ -1,10 +1,13 @@
 //! Benchmark harness for audience-sync: see BENCHMARKS.md.
 //!
-//! `cargo bench --bench sync -- --members N --churn F [--json] [--delivery-cap C]`
+//! `cargo bench --bench sync -- --members N --churn F [--kind audience|trait] [--json]
+//! [--delivery-cap C]`
 //!
 //! Creates a throwaway database `bench_<random>` on `DATABASE_URL`, generates a source whose
-//! audience query returns exactly N members, starts an in-process Wigzo receiver, and measures
-//! each phase of audience-sync against a bare reference doing the same work, in one run.
+//! audience query returns exactly N members (or, `--kind trait`, whose computed trait gives N
+//! users a value: their spend in the last 30 days, a numeric), starts an in-process Wigzo
+//! receiver, and measures each phase of audience-sync against a bare reference doing the same
+//! work, in one run.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -12,11 +15,11 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use audience_sync::audience::{Audience, AudienceDef, store_definitions};
+use audience_sync::audience::{Audience, AudienceDef, Kind, ValueType, store_definitions};
 use audience_sync::config::WigzoConfig;
 use audience_sync::delivery::{self, Target};
 use audience_sync::demo::receiver::Receiver;
-use audience_sync::outbox::{self, Change};
+use audience_sync::outbox::Change;
 use audience_sync::wigzo::{IDENTIFY_PATH, Identify, WigzoClient};
 use audience_sync::{db, diff, snapshot};
 use futures::StreamExt;
@@ -31,6 +34,10 @@ const TOKEN: &str = "bench-org-token";
 const QUERY: &str = "SELECT u.id AS user_id, u.email, u.phone FROM users u \
      WHERE EXISTS (SELECT 1 FROM orders o WHERE o.user_id = u.id \
                    AND o.completed_at > now() - interval '30 days')";
+/// The trait query (`--kind trait`): the same users, each with their spend in those 30 days.
+const TRAIT_QUERY: &str = "SELECT u.id AS user_id, u.email, u.phone, sum(o.amount) AS value \
+     FROM users u JOIN orders o ON o.user_id = u.id \
+     WHERE o.completed_at > now() - interval '30 days' GROUP BY u.id";
 const CONCURRENCY: usize = 8;
 const BATCH_SIZE: i64 = 500;
 const STATEMENT_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -40,6 +47,17 @@ struct Args {
     churn: f64,
     json: bool,
     delivery_cap: i64,
+    kind: Kind,
+}
+
+impl Args {
+    /// The query of the computation benchmarked.
+    fn query(&self) -> &'static str {
+        match self.kind {
+            Kind::Audience => QUERY,
+            Kind::Trait => TRAIT_QUERY,
+        }
+    }
 }
 
 impl Args {
@@ -50,6 +68,7 @@ impl Args {
             churn: 0.01,
             json: false,
             delivery_cap: 50_000,
+            kind: Kind::Audience,
         };
         let mut it = std::env::args().skip(1);
         while let Some(arg) = it.next() {
@@ -68,9 +87,16 @@ impl Args {
                 "--churn" => a.churn = value("--churn")?.parse().context("--churn")?,
                 "--delivery-cap" => a.delivery_cap = parse_int(&value("--delivery-cap")?)?,
                 "--json" => a.json = true,
+                "--kind" => {
+                    a.kind = match value("--kind")?.as_str() {
+                        "audience" => Kind::Audience,
+                        "trait" => Kind::Trait,
+                        other => bail!("--kind is audience or trait, not {other:?}"),
+                    }
+                }
                 "-h" | "--help" => {
                     eprintln!(
-                        "usage: cargo bench --bench sync -- --members N --churn F [--json] [--delivery-cap C]"
+                        "usage: cargo bench --bench sync -- --members N --churn F [--kind audience|trait] [--json] [--delivery-cap C]"
                     );
                     std::process::exit(0);
                 }
@@ -144,12 +170,14 @@ fn progress(_args: &Args, msg: &str) {
     eprintln!("[bench] {msg}");
 }
 
-fn def(name: &str) -> AudienceDef {
+fn def(args: &Args, name: &str) -> AudienceDef {
     AudienceDef {
         key: audience_sync::audience::derive_key(name).expect("valid name"),
+        kind: args.kind,
+        on_missing: audience_sync::audience::OnMissing::Null,
         name: name.into(),
         schedule: "0 0 */3 * * *".into(),
-        query: QUERY.into(),
+        query: args.query().into(),
         source_url: None,
         enabled: true,
         guard: audience_sync::guard::Guard::default(),
@@ -170,10 +198,13 @@ async fn bench(args: &Args, opts: PgConnectOptions, db_url: &str) -> Result<Valu
     generate(&pool, n).await?;
     let generate_s = t.elapsed().as_secs_f64();
     // Also warms the cache for both capture measurements.
-    let count: i64 = sqlx::query_scalar(AssertSqlSafe(format!("SELECT count(*) FROM ({QUERY}) q")))
-        .fetch_one(&pool)
-        .await?;
-    ensure!(count == n, "audience query returns {count}, expected {n}");
+    let count: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT count(*) FROM ({}) q",
+        args.query()
+    )))
+    .fetch_one(&pool)
+    .await?;
+    ensure!(count == n, "the query returns {count} rows, expected {n}");
     progress(
         args,
         &format!(
@@ -182,8 +213,14 @@ async fn bench(args: &Args, opts: PgConnectOptions, db_url: &str) -> Result<Valu
         ),
     );
 
-    let auds =
-        store_definitions(&pool, &[def("Bench Capture Diff"), def("Bench End To End")]).await?;
+    let auds = store_definitions(
+        &pool,
+        &[
+            def(args, "Bench Capture Diff"),
+            def(args, "Bench End To End"),
+        ],
+    )
+    .await?;
     let receiver = Receiver::start(TOKEN).await?;
 
     // ---- Phases 1+2: capture + diff vs CREATE TEMP TABLE AS + EXCEPT ---------------------
@@ -198,9 +235,16 @@ async fn bench(args: &Args, opts: PgConnectOptions, db_url: &str) -> Result<Valu
     // A first sync: the query's rows stream straight into the audience's new outbox partition.
     let mut conn = db::dedicated(&opts).await?;
     let t = Instant::now();
-    let reader =
-        snapshot::Reader::open(&mut conn, &pool, &a.def.key, QUERY, None, STATEMENT_TIMEOUT)
-            .await?;
+    let reader = snapshot::Reader::open(
+        &mut conn,
+        &pool,
+        &a.def.key,
+        args.kind,
+        args.query(),
+        None,
+        STATEMENT_TIMEOUT,
+    )
+    .await?;
     let (captured, counts) = diff::first_sync(&mut conn, reader, a.id, run_id).await?;
     let capture_diff_s = t.elapsed().as_secs_f64();
     conn.close().await?;
@@ -217,17 +261,17 @@ async fn bench(args: &Args, opts: PgConnectOptions, db_url: &str) -> Result<Valu
         .await?;
 
     let mut rconn = db::dedicated(&opts).await?;
-    let (ref_capture_s, ref_diff_s) = reference(&mut rconn, a.id, (n, 0)).await?;
+    let (ref_capture_s, ref_diff_s) = reference(args, &mut rconn, a.id, (n, 0)).await?;
     // Informational, not in the ratio: the entering side of the diff written to a plain
     // (logged, unindexed) table, the floor for any diff that persists its changes.
     let t = Instant::now();
     rconn
         .execute(AssertSqlSafe(format!(
             "CREATE TABLE ref_changes AS
-             SELECT r.user_id::text AS user_id, true AS member, r.email, r.phone
+             SELECT r.user_id, true AS member, r.email, r.phone
                FROM ref r
               WHERE NOT EXISTS (SELECT 1 FROM synced_members s
-                                 WHERE s.audience_id = {} AND s.user_id = r.user_id::text)",
+                                 WHERE s.audience_id = {} AND s.user_id = r.user_id)",
             a.id
         )))
         .await?;
@@ -258,14 +302,15 @@ async fn bench(args: &Args, opts: PgConnectOptions, db_url: &str) -> Result<Valu
         pool.execute("VACUUM (ANALYZE) outbox").await?;
     }
     let mut changes: Vec<Change> = sqlx::query_as(
-        "SELECT user_id, member, email, phone, name, target_version, created_at AS detected_at
+        "SELECT user_id, member, email, phone, name, value, target_version,
+                created_at AS detected_at
            FROM outbox WHERE audience_id = $1 ORDER BY user_id",
     )
     .bind(a.id)
     .fetch_all(&pool)
     .await?;
     for c in &mut changes {
-        c.message_id = outbox::message_id(a.id, &c.user_id, c.target_version, c.member);
+        c.message_id = c.derive_message_id(a.id);
     }
     ensure!(changes.len() as i64 == delivered_n);
 
@@ -279,6 +324,7 @@ async fn bench(args: &Args, opts: PgConnectOptions, db_url: &str) -> Result<Valu
         progress: indicatif::ProgressBar::hidden(),
         audience_id: a.id,
         key: a.def.key.clone(),
+        kind: a.def.kind,
     };
     let calls_before = receiver.calls();
     let t = Instant::now();
@@ -314,7 +360,7 @@ async fn bench(args: &Args, opts: PgConnectOptions, db_url: &str) -> Result<Valu
     );
 
     // ---- Phase 4: end to end, the worker binary in a process of its own -----------------
-    // `audience-sync --json sync --audience <key>`, as an operator runs it: an initial sync,
+    // `audience-sync --json sync --audience <key>` (or `--trait`), as an operator runs it: an initial sync,
     // then churn and an incremental one. Its peak RSS (phase 5) is the worker's alone,
     // without the harness, the receiver or the bare client.
     let b = &auds[1];
@@ -323,17 +369,19 @@ async fn bench(args: &Args, opts: PgConnectOptions, db_url: &str) -> Result<Valu
         config,
         "[wigzo]\nrequests_per_second = 0\nconcurrency = {CONCURRENCY}\nbatch_size = {BATCH_SIZE}\n\
          [database]\nstatement_timeout_secs = {}\n\
-         [[audience]]\nname = {:?}\nschedule = {:?}\nquery = {:?}\n",
+         [[{}]]\nname = {:?}\nschedule = {:?}\nquery = {:?}\n",
         STATEMENT_TIMEOUT.as_secs(),
+        args.kind,
         b.def.name,
         b.def.schedule,
-        QUERY
+        args.query()
     )?;
     let worker = WorkerProcess {
         config: config.path(),
         db_url,
         receiver: &receiver,
         key: &b.def.key,
+        kind: args.kind,
     };
     let calls_before = receiver.calls();
     let (initial, initial_sync_s, initial_kib) = worker.sync().await?;
@@ -351,7 +399,9 @@ async fn bench(args: &Args, opts: PgConnectOptions, db_url: &str) -> Result<Valu
 
     let k = (args.churn * n as f64 / 2.0).round() as i64;
     churn(&pool, n, k).await?;
-    let incr_cd = incremental_capture_diff(&pool, &opts, b, k).await?;
+    // A trait's churn also changes k users' values: k left, k entered, k changed.
+    let expected_added = if args.kind == Kind::Trait { 2 * k } else { k };
+    let incr_cd = incremental_capture_diff(args, &pool, &opts, b, (expected_added, k)).await?;
     progress(
         args,
         &format!(
@@ -364,14 +414,16 @@ async fn bench(args: &Args, opts: PgConnectOptions, db_url: &str) -> Result<Valu
     ensure!(
         incr["kind"] == "incremental"
             && incr["status"] == "succeeded"
-            && incr["added"] == k
+            && incr["added"] == expected_added
             && incr["removed"] == k
-            && incr["sent"] == 2 * k,
-        "incremental sync: {incr}; expected {k} added and removed"
+            && incr["sent"] == expected_added + k,
+        "incremental sync: {incr}; expected {expected_added} added and {k} removed"
     );
     progress(
         args,
-        &format!("incremental sync ({k} in, {k} out) in {incremental_sync_s:.2} s"),
+        &format!(
+            "incremental sync ({expected_added} in or changed, {k} out) in {incremental_sync_s:.2} s"
+        ),
     );
 
     receiver.shutdown().await;
@@ -385,6 +437,7 @@ async fn bench(args: &Args, opts: PgConnectOptions, db_url: &str) -> Result<Valu
     let r3 = |x: f64| (x * 1000.0).round() / 1000.0;
 
     Ok(json!({
+        "kind": args.kind.as_str(),
         "members": n,
         "churn": args.churn,
         "capture_diff_ratio": r3(capture_diff_ratio),
@@ -413,36 +466,47 @@ async fn bench(args: &Args, opts: PgConnectOptions, db_url: &str) -> Result<Valu
         "bare_s": r3(bare_s),
         "bare_calls_per_s": bare_calls_per_s.round(),
         "initial_calls_per_s": (n as f64 / initial_sync_s).round(),
-        "churn_changes": 2 * k,
+        "churn_changes": expected_added + k,
         "concurrency": CONCURRENCY,
         "batch_size": BATCH_SIZE,
     }))
 }
 
 /// The bare SQL reference for capture and diff of audience `audience_id`: the query
-/// materialised (`CREATE TEMP TABLE ref AS`), then the set difference both ways against its
-/// confirmed members (`EXCEPT`, counted). Checks the counts against `expected` (entered, left).
+/// materialised (`CREATE TEMP TABLE ref AS`; a trait's value in the same canonical JSON text
+/// the worker compares, since the change set depends on it), then the set difference both
+/// ways against its confirmed members (`EXCEPT` on ids, and for a trait on (id, value) pairs,
+/// counted). Checks the counts against `expected` (entered or changed, left).
 async fn reference(
+    args: &Args,
     conn: &mut sqlx::PgConnection,
     audience_id: i64,
     expected: (i64, i64),
 ) -> Result<(f64, f64)> {
+    let value = match args.kind {
+        Kind::Audience => "NULL::text".to_string(),
+        Kind::Trait => ValueType::Numeric.json_sql("q.value"),
+    };
     let t = Instant::now();
     conn.execute(AssertSqlSafe(format!(
-        "DROP TABLE IF EXISTS ref; CREATE TEMP TABLE ref AS {QUERY}"
+        "DROP TABLE IF EXISTS ref;
+         CREATE TEMP TABLE ref AS
+         SELECT q.user_id::text AS user_id, q.email, q.phone, {value} AS value
+           FROM ({}) q",
+        args.query()
     )))
     .await?;
     let capture_s = t.elapsed().as_secs_f64();
     let t = Instant::now();
     let counts: (i64, i64) = sqlx::query_as(
-        "SELECT (SELECT count(*) FROM (SELECT user_id::text FROM ref
+        "SELECT (SELECT count(*) FROM (SELECT user_id, value FROM ref
                                        EXCEPT
-                                       SELECT user_id FROM synced_members
+                                       SELECT user_id, value FROM synced_members
                                         WHERE audience_id = $1 AND member) a),
                 (SELECT count(*) FROM (SELECT user_id FROM synced_members
                                         WHERE audience_id = $1 AND member
                                        EXCEPT
-                                       SELECT user_id::text FROM ref) r)",
+                                       SELECT user_id FROM ref) r)",
     )
     .bind(audience_id)
     .fetch_one(&mut *conn)
@@ -468,10 +532,11 @@ struct CaptureDiff {
 /// writes, and its run row, are removed again, so the worker's incremental sync that follows
 /// finds the same changes itself.
 async fn incremental_capture_diff(
+    args: &Args,
     pool: &PgPool,
     opts: &PgConnectOptions,
     b: &Audience,
-    k: i64,
+    expected: (i64, i64),
 ) -> Result<CaptureDiff> {
     let run_id: i64 = sqlx::query_scalar(
         "INSERT INTO runs (audience_id, kind, status, owner)
@@ -482,20 +547,29 @@ async fn incremental_capture_diff(
     .await?;
     let mut conn = db::dedicated(opts).await?;
     let t = Instant::now();
-    let reader =
-        snapshot::Reader::open(&mut conn, pool, &b.def.key, QUERY, None, STATEMENT_TIMEOUT).await?;
+    let reader = snapshot::Reader::open(
+        &mut conn,
+        pool,
+        &b.def.key,
+        args.kind,
+        args.query(),
+        None,
+        STATEMENT_TIMEOUT,
+    )
+    .await?;
     snapshot::capture(&mut conn, reader).await?;
     let capture_s = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    let counts = diff::write_outbox(&mut conn, b.id, run_id, false).await?;
+    let counts =
+        diff::write_outbox(&mut conn, b.id, run_id, diff::Rules::new(&b.def, false)).await?;
     let diff_s = t.elapsed().as_secs_f64();
     ensure!(
-        (counts.added, counts.removed) == (k, k),
-        "incremental diff found {} added, {} removed; expected {k} each",
+        (counts.added, counts.removed) == expected,
+        "incremental diff found {} added, {} removed; expected {expected:?}",
         counts.added,
         counts.removed
     );
-    let (ref_capture_s, ref_diff_s) = reference(&mut conn, b.id, (k, k)).await?;
+    let (ref_capture_s, ref_diff_s) = reference(args, &mut conn, b.id, expected).await?;
     conn.close().await?;
     sqlx::query("DELETE FROM outbox WHERE audience_id = $1")
         .bind(b.id)
@@ -513,14 +587,16 @@ async fn incremental_capture_diff(
     })
 }
 
-/// users 1..=1.25N; one recent order for 1..=N, an old (31-59 days) order for everyone.
+/// users 1..=1.25N; one recent order for 1..=N, an old (31-59 days) order for everyone;
+/// amounts from 0.50 to 999.50 (numeric, two decimals).
 async fn generate(pool: &PgPool, n: i64) -> Result<()> {
     let total = n + n / 4;
     let mut conn = pool.acquire().await?;
     conn.execute(
         "CREATE TABLE users (id bigint PRIMARY KEY, email text NOT NULL, phone text NOT NULL);
          CREATE TABLE orders (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-                              user_id bigint NOT NULL, completed_at timestamptz NOT NULL);",
+                              user_id bigint NOT NULL, completed_at timestamptz NOT NULL,
+                              amount numeric(10, 2) NOT NULL DEFAULT 10);",
     )
     .await?;
     copy_rows(
@@ -539,11 +615,16 @@ async fn generate(pool: &PgPool, n: i64) -> Result<()> {
     let old = (1..=total).map(|i| (i, 31 + i % 29));
     copy_rows(
         &mut conn,
-        "COPY orders (user_id, completed_at) FROM STDIN",
+        "COPY orders (user_id, completed_at, amount) FROM STDIN",
         recent.chain(old),
         |buf, (user, days)| {
             let at = now - chrono::Duration::days(days) - chrono::Duration::seconds(user % 86_400);
-            writeln!(buf, "{user}\t{}", at.format("%Y-%m-%d %H:%M:%S%.6f+00"))
+            let amount = format!("{}.{}0", user % 1000, if user % 2 == 0 { 5 } else { 0 });
+            writeln!(
+                buf,
+                "{user}\t{}\t{amount}",
+                at.format("%Y-%m-%d %H:%M:%S%.6f+00")
+            )
         },
     )
     .await?;
@@ -580,7 +661,9 @@ async fn copy_rows<T>(
     Ok(())
 }
 
-/// Members 1..=k leave (their recent order is deleted); users N+1..=N+k join.
+/// Members 1..=k leave (their recent order is deleted); users N+1..=N+k join; members
+/// k+1..=2k spend more (their recent order's amount grows by 1: a trait's value changes, an
+/// audience's membership does not).
 async fn churn(pool: &PgPool, n: i64, k: i64) -> Result<()> {
     if k > n / 4 {
         bail!("churn too large for the generated non-members");
@@ -597,6 +680,13 @@ async fn churn(pool: &PgPool, n: i64, k: i64) -> Result<()> {
          SELECT i, now() - interval '2 days' FROM generate_series($1::bigint + 1, $1::bigint + $2) i",
     )
     .bind(n)
+    .bind(k)
+    .execute(pool)
+    .await?;
+    sqlx::query(
+        "UPDATE orders SET amount = amount + 1 WHERE user_id BETWEEN $1 + 1 AND 2 * $1
+            AND completed_at > now() - interval '30 days'",
+    )
     .bind(k)
     .execute(pool)
     .await?;
@@ -620,7 +710,7 @@ async fn bare_client(
     let t = Instant::now();
     let ok = futures::stream::iter(changes)
         .map(|c| {
-            let body = Identify::new(a.id, &a.def.key, c);
+            let body = Identify::new(a.id, &a.def.key, a.def.kind, c);
             let req = http
                 .post(&endpoint)
                 .query(&[("org_token", TOKEN)])
@@ -666,6 +756,7 @@ struct WorkerProcess<'a> {
     db_url: &'a str,
     receiver: &'a Receiver,
     key: &'a str,
+    kind: Kind,
 }
 
 impl WorkerProcess<'_> {
@@ -678,7 +769,7 @@ impl WorkerProcess<'_> {
         let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_audience-sync"))
             .args(["--json", "--config"])
             .arg(self.config)
-            .args(["sync", "--audience", self.key])
+            .args(["sync", &format!("--{}", self.kind), self.key])
             .env("DATABASE_URL", self.db_url)
             .env("WIGZO_BASE_URL", self.receiver.base_url())
             .env("WIGZO_ORG_TOKEN", TOKEN)
@@ -723,8 +814,8 @@ impl WorkerProcess<'_> {
 fn print_table(v: &Value) {
     let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
     println!(
-        "audience-sync bench: {} members, churn {} ({} changes), concurrency {}, batch {}",
-        v["members"], v["churn"], v["churn_changes"], v["concurrency"], v["batch_size"]
+        "audience-sync bench ({}): {} members, churn {} ({} changes), concurrency {}, batch {}",
+        v["kind"], v["members"], v["churn"], v["churn_changes"], v["concurrency"], v["batch_size"]
     );
     println!(
         "{:<34} {:>12} {:>12} {:>8}",

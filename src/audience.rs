@@ -1,5 +1,6 @@
-//! Audience definitions: key derivation, schedule parsing, query checks, and keeping the
-//! `audiences` table in step with the config file.
+//! Audience definitions (audiences, and computed traits: the two kinds of computation): key
+//! derivation, schedule parsing, query checks, value types, and keeping the `audiences` table
+//! in step with the config file.
 
 use std::str::FromStr;
 
@@ -10,11 +11,63 @@ use sqlx::{Executor, PgConnection, PgPool, Row};
 /// Longest key accepted (Wigzo trait names are short; this keeps them readable).
 pub const MAX_KEY_LEN: usize = 128;
 
-/// One audience as the config file defines it.
+/// What a computation sends: membership (`[[audience]]`) or a value (`[[trait]]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// Membership: the key set to `true` on entry, `false` on exit.
+    #[default]
+    Audience,
+    /// A computed trait: the key set to the user's value.
+    Trait,
+}
+
+impl Kind {
+    /// As stored in `audiences.kind`, and sent as `context.personas.computation_class`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Audience => "audience",
+            Kind::Trait => "trait",
+        }
+    }
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a trait sends for a user who leaves its result, or whose value becomes NULL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnMissing {
+    /// The trait as JSON null, once.
+    #[default]
+    Null,
+    /// Nothing: Wigzo keeps the last value it was sent.
+    Keep,
+}
+
+impl OnMissing {
+    /// As written in the config file and stored in `audiences.on_missing`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnMissing::Null => "null",
+            OnMissing::Keep => "keep",
+        }
+    }
+}
+
+/// One audience or computed trait as the config file defines it (the code says "audience"
+/// for both; `kind` tells them apart).
 #[derive(Debug, Clone)]
 pub struct AudienceDef {
     /// The trait name sent to Wigzo: snake_case, fixed when the audience is first stored.
     pub key: String,
+    /// Audience or computed trait.
+    pub kind: Kind,
+    /// For a trait: what a user without a value any more is sent (audiences: always `false`).
+    pub on_missing: OnMissing,
     /// The audience's name as people read it.
     pub name: String,
     /// Cron expression (UTC) of the daemon's runs.
@@ -27,6 +80,18 @@ pub struct AudienceDef {
     pub enabled: bool,
     /// When a run of this audience is held instead of sending its removals.
     pub guard: crate::guard::Guard,
+}
+
+impl AudienceDef {
+    /// "audience \"key\"" or "trait \"key\"", for messages.
+    pub fn label(&self) -> String {
+        format!("{} {:?}", self.kind, self.key)
+    }
+
+    /// Whether users who leave the result are sent anything (`false`, or a trait's null).
+    pub fn sends_removals(&self) -> bool {
+        self.kind == Kind::Audience || self.on_missing == OnMissing::Null
+    }
 }
 
 /// An audience as stored, joined with its definition from the config file.
@@ -56,6 +121,18 @@ pub enum AudienceError {
         key: String,
         /// The connection error (never the URL).
         message: String,
+    },
+    /// A key stored as one kind that the config file now defines as the other.
+    #[error(
+        "key {key:?} belongs to {stored} already stored, and the config file now defines {wanted} with it; keys are one namespace in Wigzo and a key keeps its kind: give the new one another key (nothing was changed)"
+    )]
+    KindChanged {
+        /// The key.
+        key: String,
+        /// Its stored kind, with its article.
+        stored: &'static str,
+        /// The config file's kind, with its article.
+        wanted: &'static str,
     },
     /// An audience asked for by key that was never stored.
     #[error(
@@ -164,7 +241,7 @@ pub async fn check_queries(pool: &PgPool, audiences: &[AudienceDef]) -> Result<(
     for a in audiences.iter().filter(|a| a.enabled) {
         match &a.source_url {
             None => {
-                inspect_query(&mut conn, &a.key, &a.query).await?;
+                inspect_query(&mut conn, &a.key, a.kind, &a.query).await?;
             }
             Some(url) => {
                 let opts = crate::db::options(url).map_err(|e| AudienceError::Source {
@@ -173,7 +250,7 @@ pub async fn check_queries(pool: &PgPool, audiences: &[AudienceDef]) -> Result<(
                 })?;
                 match crate::db::dedicated(&opts).await {
                     Ok(mut src) => {
-                        inspect_query(&mut src, &a.key, &a.query).await?;
+                        inspect_query(&mut src, &a.key, a.kind, &a.query).await?;
                     }
                     Err(e) => {
                         tracing::warn!(audience = %a.key, error = %e, "source database unreachable; its run will fail");
@@ -190,6 +267,85 @@ const USER_ID_TYPES: &[&str] = &[
     "TEXT", "VARCHAR", "BPCHAR", "NAME", "INT2", "INT4", "INT8", "NUMERIC", "UUID", "CITEXT",
 ];
 
+/// The types a trait's `value` column may have, each sent as one JSON type. The query's
+/// column is turned into canonical JSON text on the source database (`json_sql`), so that
+/// two values compare as two strings in the diff (`1.50` and `1.5` are one value).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ValueType {
+    /// text, varchar, char: a JSON string.
+    Text,
+    /// smallint, integer, bigint: a JSON number.
+    Integer,
+    /// numeric: a JSON number when it round-trips exactly through a double, else a string.
+    Numeric,
+    /// real, double precision: a JSON number; NaN and infinities are refused per row.
+    Float,
+    /// boolean: true or false.
+    Boolean,
+    /// date: "YYYY-MM-DD".
+    Date,
+    /// timestamp: ISO 8601 without a zone.
+    Timestamp,
+    /// timestamptz: ISO 8601 in UTC ("...Z"), whatever the session's time zone.
+    Timestamptz,
+}
+
+/// What a trait's value column may be, for messages.
+const VALUE_TYPES: &str = "text, varchar, smallint, integer, bigint, numeric, real, double precision, boolean, date, timestamp or timestamptz";
+
+impl ValueType {
+    /// The type for a column type as sqlx names it (`None`: refused).
+    pub fn of(pg: &str) -> Option<Self> {
+        Some(match pg {
+            "TEXT" | "VARCHAR" | "BPCHAR" | "NAME" => ValueType::Text,
+            "INT2" | "INT4" | "INT8" => ValueType::Integer,
+            "NUMERIC" => ValueType::Numeric,
+            "FLOAT4" | "FLOAT8" => ValueType::Float,
+            "BOOL" => ValueType::Boolean,
+            "DATE" => ValueType::Date,
+            "TIMESTAMP" => ValueType::Timestamp,
+            "TIMESTAMPTZ" => ValueType::Timestamptz,
+            _ => return None,
+        })
+    }
+
+    /// SQL turning column `v` (never NULL here) into its canonical JSON text. A numeric is a
+    /// number when it survives numeric -> double -> shortest text -> numeric unchanged
+    /// (trailing zeros trimmed: `1.50` is `1.5`); outside a double's range it is not tried.
+    pub fn json_sql(self, v: &str) -> String {
+        match self {
+            ValueType::Text => format!("to_jsonb({v}::text)::text"),
+            ValueType::Integer => format!("{v}::text"),
+            ValueType::Numeric => format!(
+                "CASE WHEN ({v} = 0 OR abs({v}) BETWEEN 1e-300 AND 1e300)
+                       AND {v}::float8::text::numeric = {v}
+                      THEN trim_scale({v})::text
+                      ELSE to_jsonb(trim_scale({v})::text)::text END"
+            ),
+            // Shortest text that reads back to the same float4 or float8.
+            ValueType::Float => format!("{v}::text"),
+            ValueType::Boolean => format!("CASE WHEN {v} THEN 'true' ELSE 'false' END"),
+            ValueType::Date | ValueType::Timestamp => format!("to_jsonb({v})::text"),
+            ValueType::Timestamptz => format!(
+                "CASE WHEN isfinite({v})
+                      THEN to_jsonb((to_jsonb({v} AT TIME ZONE 'UTC') #>> '{{}}') || 'Z')::text
+                      ELSE to_jsonb({v}::text)::text END"
+            ),
+        }
+    }
+
+    /// SQL that is false for a value JSON cannot carry (NaN, infinities): its row is
+    /// skipped and counted, like a row without a user id.
+    pub fn usable_sql(self, v: &str) -> String {
+        match self {
+            ValueType::Numeric | ValueType::Float => {
+                format!("{v}::text NOT IN ('NaN', 'Infinity', '-Infinity')")
+            }
+            _ => "true".to_string(),
+        }
+    }
+}
+
 /// Which optional columns the query returns, found by preparing it (nothing is executed).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct QueryShape {
@@ -199,12 +355,16 @@ pub struct QueryShape {
     pub phone: bool,
     /// It returns a `name` column.
     pub name: bool,
+    /// A trait's `value` column and its type (`None` for an audience).
+    pub value: Option<ValueType>,
 }
 
-/// Prepares the query on `conn` and checks it returns one usable `user_id` column.
+/// Prepares the query on `conn` and checks it returns one usable `user_id` column (and, for a
+/// trait, one `value` column of a type in [`ValueType`]).
 pub async fn inspect_query(
     conn: &mut PgConnection,
     key: &str,
+    kind: Kind,
     query: &str,
 ) -> Result<QueryShape, AudienceError> {
     let err = |reason: String| AudienceError::Query {
@@ -220,6 +380,7 @@ pub async fn inspect_query(
     let cols = stmt.columns();
     let mut shape = QueryShape::default();
     let mut user_id = 0;
+    let mut values = 0;
     for c in cols {
         let ty = c.type_info().name().to_string();
         match c.name() {
@@ -234,8 +395,27 @@ pub async fn inspect_query(
             "email" => shape.email = true,
             "phone" => shape.phone = true,
             "name" => shape.name = true,
+            "value" if kind == Kind::Trait => {
+                values += 1;
+                shape.value = Some(ValueType::of(&ty).ok_or_else(|| {
+                    err(format!(
+                        "column value has type {}; a trait's value must be {VALUE_TYPES} (cast it, e.g. value::text)",
+                        ty.to_lowercase()
+                    ))
+                })?);
+            }
             _ => {}
         }
+    }
+    if kind == Kind::Trait && values != 1 {
+        return Err(err(if values == 0 {
+            format!(
+                "a trait's query returns user_id and a value column; this one returns: {} (alias the value AS value)",
+                cols.iter().map(|c| c.name()).collect::<Vec<_>>().join(", ")
+            )
+        } else {
+            "query returns more than one value column".into()
+        }));
     }
     match user_id {
         0 => Err(err(format!(
@@ -264,17 +444,38 @@ pub async fn store_definitions(
     let mut tx = pool.begin().await?;
     let mut out = Vec::with_capacity(defs.len());
     for def in defs {
+        // A key keeps its kind: its confirmed rows mean membership or values, not either.
+        let stored: Option<String> =
+            sqlx::query_scalar("SELECT kind FROM audiences WHERE key = $1 FOR UPDATE")
+                .bind(&def.key)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if let Some(stored) = stored.filter(|k| k != def.kind.as_str()) {
+            let a = |kind: &str| {
+                if kind == "audience" {
+                    "an audience"
+                } else {
+                    "a trait"
+                }
+            };
+            return Err(AudienceError::KindChanged {
+                key: def.key.clone(),
+                stored: a(&stored),
+                wanted: a(def.kind.as_str()),
+            });
+        }
         let row = sqlx::query(
-            "INSERT INTO audiences (key, name, query, schedule, external_source, enabled)
-             VALUES ($1, $2, $3, $4, $5, $6)
+            "INSERT INTO audiences
+                    (key, name, query, schedule, external_source, enabled, kind, on_missing)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
              ON CONFLICT (key) DO UPDATE SET
                 name = EXCLUDED.name, query = EXCLUDED.query, schedule = EXCLUDED.schedule,
                 external_source = EXCLUDED.external_source, enabled = EXCLUDED.enabled,
-                updated_at = now()
+                on_missing = EXCLUDED.on_missing, updated_at = now()
              WHERE (audiences.name, audiences.query, audiences.schedule,
-                    audiences.external_source, audiences.enabled)
+                    audiences.external_source, audiences.enabled, audiences.on_missing)
                 IS DISTINCT FROM (EXCLUDED.name, EXCLUDED.query, EXCLUDED.schedule,
-                    EXCLUDED.external_source, EXCLUDED.enabled)
+                    EXCLUDED.external_source, EXCLUDED.enabled, EXCLUDED.on_missing)
              RETURNING id",
         )
         .bind(&def.key)
@@ -283,6 +484,8 @@ pub async fn store_definitions(
         .bind(&def.schedule)
         .bind(def.source_url.is_some())
         .bind(def.enabled)
+        .bind(def.kind.as_str())
+        .bind(def.on_missing.as_str())
         .fetch_optional(&mut *tx)
         .await?;
         let id: i64 = match row {

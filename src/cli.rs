@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use crate::audience::{self, Audience};
+use crate::audience::{self, Audience, Kind};
 use crate::config::{Config, EnvOverrides};
 use crate::status;
 use crate::sync::{Mode, RunOptions, RunReport, Worker, owner_id};
@@ -51,15 +51,16 @@ pub enum Command {
     /// The scheduled worker: syncs each audience on its cron schedule until SIGTERM/SIGINT,
     /// reloads the config on SIGHUP, and serves /healthz, /readyz, /metrics and a status page.
     Run(RunArgs),
-    /// Sync audiences now: initial or incremental, as due.
+    /// Sync audiences and computed traits now: initial or incremental, as due.
     Sync(SyncArgs),
-    /// Full resync of one audience: every member again, and `false` for those who left.
+    /// Full resync of one audience (every member again, and `false` for those who left) or
+    /// trait (every value again, and null for users who no longer have one).
     Resync(ResyncArgs),
     /// Send the changes Wigzo rejected (4xx) again: makes them pending and syncs the audience
-    /// now. Rejected changes are otherwise held until the user's value changes or a full
-    /// resync.
+    /// (or trait) now. Rejected changes are otherwise held until the user's value changes or a
+    /// full resync.
     Retry(RetryArgs),
-    /// One line per audience: members, last run, pending and failed changes.
+    /// One line per audience and trait: members, last run, pending and failed changes.
     Status,
     /// Recent runs with their counts.
     Runs(RunsArgs),
@@ -67,8 +68,9 @@ pub enum Command {
     Migrate,
     /// Write a commented example config file.
     Init(InitArgs),
-    /// The whole job in one command: a throwaway shop database, three audiences, an initial
-    /// sync, a week later an incremental sync, then a full resync (no setup needed).
+    /// The whole job in one command: a throwaway shop database, three audiences and a computed
+    /// trait, an initial sync, a week later an incremental sync, then a full resync (no setup
+    /// needed).
     Demo(DemoArgs),
 }
 
@@ -83,23 +85,51 @@ pub struct RunArgs {
 /// `sync`'s arguments.
 #[derive(Debug, Args)]
 pub struct SyncArgs {
-    /// Audience key (repeatable; default: every enabled audience).
+    /// Audience key (repeatable; with neither --audience nor --trait: every enabled audience
+    /// and trait).
     #[arg(long = "audience", value_name = "KEY")]
     pub audiences: Vec<String>,
+    /// Computed trait key (repeatable).
+    #[arg(long = "trait", value_name = "KEY")]
+    pub traits: Vec<String>,
     /// Compute and show what would be sent; send nothing, change nothing.
     #[arg(long)]
     pub dry_run: bool,
-    /// Send removals the removal guard held, once (needs --audience): a person's release.
-    #[arg(long, requires = "audiences")]
+    /// Send removals the removal guard held, once (needs --audience or --trait): a person's
+    /// release.
+    #[arg(long)]
     pub allow_removals: bool,
+}
+
+/// One audience or one trait, named by key.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct OneKey {
+    /// Audience key.
+    #[arg(long = "audience", value_name = "KEY")]
+    pub audience: Option<String>,
+    /// Computed trait key.
+    #[arg(long = "trait", value_name = "KEY")]
+    pub trait_key: Option<String>,
+}
+
+impl OneKey {
+    /// The key and its kind.
+    pub fn get(&self) -> (&str, Kind) {
+        match (&self.audience, &self.trait_key) {
+            (Some(a), _) => (a, Kind::Audience),
+            (None, Some(t)) => (t, Kind::Trait),
+            (None, None) => unreachable!("clap requires one of --audience and --trait"),
+        }
+    }
 }
 
 /// `resync`'s arguments.
 #[derive(Debug, Args)]
 pub struct ResyncArgs {
-    /// Audience key.
-    #[arg(long = "audience", value_name = "KEY")]
-    pub audience: String,
+    /// Which audience or trait.
+    #[command(flatten)]
+    pub which: OneKey,
     /// Compute and show what would be sent; send nothing, change nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -111,16 +141,16 @@ pub struct ResyncArgs {
 /// `retry`'s arguments.
 #[derive(Debug, Args)]
 pub struct RetryArgs {
-    /// Audience key.
-    #[arg(long = "audience", value_name = "KEY")]
-    pub audience: String,
+    /// Which audience or trait.
+    #[command(flatten)]
+    pub which: OneKey,
 }
 
 /// `runs`' arguments.
 #[derive(Debug, Args)]
 pub struct RunsArgs {
-    /// Only this audience's runs.
-    #[arg(long = "audience", value_name = "KEY")]
+    /// Only this audience's (or trait's) runs.
+    #[arg(long = "audience", visible_alias = "trait", value_name = "KEY")]
     pub audience: Option<String>,
     /// How many, newest first.
     #[arg(long, default_value_t = 20)]
@@ -255,22 +285,29 @@ async fn cmd_run(cli: &Cli, env: &EnvOverrides, args: &RunArgs) -> Result<i32> {
 async fn cmd_sync(cli: &Cli, env: &EnvOverrides, args: &SyncArgs) -> Result<i32> {
     let cfg = load_config(cli, env)?;
     for key in &args.audiences {
-        cfg.audience(key)?;
+        cfg.lookup(key, Kind::Audience)?;
+    }
+    for key in &args.traits {
+        cfg.lookup(key, Kind::Trait)?;
+    }
+    let every = args.audiences.is_empty() && args.traits.is_empty();
+    if args.allow_removals && every {
+        bail!("--allow-removals releases one held run: name it with --audience KEY or --trait KEY");
     }
     let (pool, stored) = prepare(&cfg).await?;
     let chosen: Vec<&Audience> = stored
         .iter()
         .filter(|a| {
-            if args.audiences.is_empty() {
+            if every {
                 a.def.enabled
             } else {
-                args.audiences.contains(&a.def.key)
+                args.audiences.contains(&a.def.key) || args.traits.contains(&a.def.key)
             }
         })
         .collect();
     if chosen.is_empty() {
         bail!(
-            "no enabled audiences to sync; add [[audience]] entries to the config file (see `audience-sync init`)"
+            "no enabled audiences or traits to sync; add [[audience]] or [[trait]] entries to the config file (see `audience-sync init`)"
         );
     }
     let worker = worker(&cfg, pool)?;
@@ -286,11 +323,12 @@ async fn cmd_sync(cli: &Cli, env: &EnvOverrides, args: &SyncArgs) -> Result<i32>
 /// `retry`: rejected changes queued again, then a sync.
 async fn cmd_retry(cli: &Cli, env: &EnvOverrides, args: &RetryArgs) -> Result<i32> {
     let cfg = load_config(cli, env)?;
-    cfg.audience(&args.audience)?;
+    let (key, kind) = args.which.get();
+    cfg.lookup(key, kind)?;
     let (pool, stored) = prepare(&cfg).await?;
     let a = stored
         .iter()
-        .find(|a| a.def.key == args.audience)
+        .find(|a| a.def.key == key)
         .expect("validated above");
     let requeued = crate::outbox::requeue_rejected(&pool, a.id, None)
         .await
@@ -308,11 +346,12 @@ async fn cmd_retry(cli: &Cli, env: &EnvOverrides, args: &RetryArgs) -> Result<i3
 /// `resync`: a full resync of one audience.
 async fn cmd_resync(cli: &Cli, env: &EnvOverrides, args: &ResyncArgs) -> Result<i32> {
     let cfg = load_config(cli, env)?;
-    cfg.audience(&args.audience)?;
+    let (key, kind) = args.which.get();
+    cfg.lookup(key, kind)?;
     let (pool, stored) = prepare(&cfg).await?;
     let a = stored
         .iter()
-        .find(|a| a.def.key == args.audience)
+        .find(|a| a.def.key == key)
         .expect("validated above");
     let worker = worker(&cfg, pool)?;
     let opts = RunOptions {
@@ -351,14 +390,14 @@ async fn connect(cfg: &Config) -> Result<sqlx::PgPool> {
 /// Connects, migrates, checks every audience's query, and stores the definitions. Nothing is
 /// stored unless every audience is valid.
 ///
-/// A config without any `[[audience]]` stores nothing: an empty or missing file (a mount that
-/// failed, a typo in the path) must not disable every audience. To stop syncing an audience,
+/// A config without any `[[audience]]` or `[[trait]]` stores nothing: an empty or missing file
+/// (a mount that failed, a typo in the path) must not disable every audience and trait. To stop syncing an audience,
 /// set `enabled = false` on it or remove it while keeping the others.
 pub async fn prepare(cfg: &Config) -> Result<(sqlx::PgPool, Vec<Audience>)> {
     let pool = connect(cfg).await?;
     if cfg.audiences.is_empty() {
         tracing::warn!(
-            "the configuration defines no [[audience]]; stored audiences are left as they are"
+            "the configuration defines no [[audience]] or [[trait]]; stored audiences and traits are left as they are"
         );
         return Ok((pool, Vec::new()));
     }

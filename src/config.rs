@@ -7,7 +7,7 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use crate::audience::{AudienceDef, derive_key, validate_key};
+use crate::audience::{AudienceDef, Kind, OnMissing, derive_key, validate_key};
 use crate::guard::Guard;
 
 /// Default Wigzo host.
@@ -52,9 +52,11 @@ pub enum ConfigError {
         /// What is allowed.
         reason: String,
     },
-    /// An audience definition that cannot be used.
-    #[error("audience {audience:?}: {reason}")]
+    /// An audience (or trait) definition that cannot be used.
+    #[error("{kind} {audience:?}: {reason}")]
     Audience {
+        /// Audience or trait.
+        kind: Kind,
         /// The audience's name (or key).
         audience: String,
         /// What is wrong and what to do.
@@ -80,6 +82,8 @@ struct RawFile {
     guard: RawGuard,
     #[serde(default, rename = "audience")]
     audiences: Vec<RawAudience>,
+    #[serde(default, rename = "trait")]
+    traits: Vec<RawAudience>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -164,6 +168,8 @@ struct RawAudience {
     source_url: Option<SecretString>,
     enabled: Option<bool>,
     guard: Option<RawGuard>,
+    /// `[[trait]]` only.
+    on_missing: Option<String>,
 }
 
 /// Everything a command needs, validated.
@@ -177,7 +183,8 @@ pub struct Config {
     pub ops: OpsConfig,
     /// `[daemon]`.
     pub daemon: DaemonConfig,
-    /// The `[[audience]]` entries, validated, with their guards resolved.
+    /// The `[[audience]]` entries, then the `[[trait]]` entries (`kind` tells them apart),
+    /// validated, with their guards resolved.
     pub audiences: Vec<AudienceDef>,
     /// The file it was read from, if any (the daemon re-reads it on SIGHUP).
     pub path: Option<PathBuf>,
@@ -469,7 +476,7 @@ impl Config {
             wigzo: wigzo(raw.wigzo, env)?,
             ops: ops(raw.ops)?,
             daemon: daemon(raw.daemon)?,
-            audiences: audiences(raw.audiences, raw.guard)?,
+            audiences: audiences(raw.audiences, raw.traits, raw.guard)?,
             path: None,
         })
     }
@@ -484,21 +491,39 @@ impl Config {
         self.wigzo.org_token.as_ref().ok_or(ConfigError::NoToken)
     }
 
-    /// The audience with this key, or an error listing the known keys.
-    pub fn audience(&self, key: &str) -> Result<&AudienceDef, ConfigError> {
-        self.audiences.iter().find(|a| a.key == key).ok_or_else(|| {
-            let known: Vec<&str> = self.audiences.iter().map(|a| a.key.as_str()).collect();
-            ConfigError::Audience {
-                audience: key.to_string(),
-                reason: format!(
-                    "no audience with this key in the config file (known keys: {})",
+    /// The audience (or trait, as `kind` says) with this key, or an error listing the known
+    /// keys of that kind, or saying the key is the other kind's.
+    pub fn lookup(&self, key: &str, kind: Kind) -> Result<&AudienceDef, ConfigError> {
+        let found = self.audiences.iter().find(|a| a.key == key);
+        if let Some(def) = found.filter(|a| a.kind == kind) {
+            return Ok(def);
+        }
+        let reason = match found {
+            Some(other) => format!(
+                "{key:?} is a {} in the config file; name it with --{} {key}",
+                other.kind, other.kind
+            ),
+            None => {
+                let known: Vec<&str> = self
+                    .audiences
+                    .iter()
+                    .filter(|a| a.kind == kind)
+                    .map(|a| a.key.as_str())
+                    .collect();
+                format!(
+                    "no {kind} with this key in the config file (known keys: {})",
                     if known.is_empty() {
                         "none".to_string()
                     } else {
                         known.join(", ")
                     }
-                ),
+                )
             }
+        };
+        Err(ConfigError::Audience {
+            kind,
+            audience: key.to_string(),
+            reason,
         })
     }
 }
@@ -660,17 +685,44 @@ fn daemon(raw: RawDaemon) -> Result<DaemonConfig, ConfigError> {
     Ok(daemon)
 }
 
-/// The `[[audience]]` entries, with `[guard]` under each one's own `guard`.
-fn audiences(raw: Vec<RawAudience>, guard: RawGuard) -> Result<Vec<AudienceDef>, ConfigError> {
+/// The `[[audience]]` and `[[trait]]` entries, with `[guard]` under each one's own `guard`.
+/// Keys are one namespace across both (Wigzo has one set of user traits).
+fn audiences(
+    raw: Vec<RawAudience>,
+    traits: Vec<RawAudience>,
+    guard: RawGuard,
+) -> Result<Vec<AudienceDef>, ConfigError> {
     let guard = guard.over(Guard::default(), "guard")?;
-    let mut audiences: Vec<AudienceDef> = Vec::with_capacity(raw.len());
-    for a in raw {
+    let mut audiences: Vec<AudienceDef> = Vec::with_capacity(raw.len() + traits.len());
+    let all = raw
+        .into_iter()
+        .map(|a| (Kind::Audience, a))
+        .chain(traits.into_iter().map(|t| (Kind::Trait, t)));
+    for (kind, a) in all {
         let err = |reason: String| ConfigError::Audience {
+            kind,
             audience: a.name.clone(),
             reason,
         };
+        let on_missing = match (kind, a.on_missing.as_deref()) {
+            (_, None) => OnMissing::Null,
+            (Kind::Trait, Some("null")) => OnMissing::Null,
+            (Kind::Trait, Some("keep")) => OnMissing::Keep,
+            (Kind::Trait, Some(_)) => {
+                return Err(err(
+                    "on_missing must be \"null\" (send null once) or \"keep\" (send nothing)"
+                        .into(),
+                ));
+            }
+            (Kind::Audience, Some(_)) => {
+                return Err(err(
+                    "on_missing is a [[trait]] setting; an audience always sends false to users who leave".into(),
+                ));
+            }
+        };
         if a.name.trim().is_empty() {
             return Err(ConfigError::Audience {
+                kind,
                 audience: a.name.clone(),
                 reason: "name is empty".into(),
             });
@@ -701,8 +753,8 @@ fn audiences(raw: Vec<RawAudience>, guard: RawGuard) -> Result<Vec<AudienceDef>,
         }
         if let Some(other) = audiences.iter().find(|o| o.key == key) {
             return Err(err(format!(
-                "its key {key:?} is already used by audience {:?}; give one of them an explicit key",
-                other.name
+                "its key {key:?} is already used by {} {:?} (audiences and traits share one namespace in Wigzo); give one of them an explicit key",
+                other.kind, other.name
             )));
         }
         let guard = match a.guard {
@@ -711,6 +763,8 @@ fn audiences(raw: Vec<RawAudience>, guard: RawGuard) -> Result<Vec<AudienceDef>,
         };
         audiences.push(AudienceDef {
             key,
+            kind,
+            on_missing,
             name: a.name.trim().to_string(),
             schedule,
             query,

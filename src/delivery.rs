@@ -159,6 +159,8 @@ pub struct Target {
     pub audience_id: i64,
     /// Its key (the trait the calls set).
     pub key: String,
+    /// Audience or computed trait (`context.personas.computation_class`).
+    pub kind: crate::audience::Kind,
     /// Advanced as changes are confirmed or given up; `ProgressBar::hidden()` when no
     /// terminal watches.
     pub progress: indicatif::ProgressBar,
@@ -448,7 +450,7 @@ struct Tries {
 
 /// Sends one change until it is confirmed, rejected, out of attempts, or the run stops.
 async fn send_one(ctx: &SendCtx, target: &Target, change: Change) -> SendResult {
-    let body = Identify::new(target.audience_id, &target.key, &change);
+    let body = Identify::new(target.audience_id, &target.key, target.kind, &change);
     let mut a = Attempts {
         change: &change,
         tries: Tries::default(),
@@ -550,6 +552,7 @@ impl Attempts<'_> {
             user_id: self.change.user_id.clone(),
             target_version: self.change.target_version,
             member: self.change.member,
+            value: self.change.value.clone(),
             message_id: self.change.message_id,
             extra_attempts: self.tries.sent as i32 - 1,
         })

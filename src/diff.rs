@@ -9,12 +9,45 @@ use crate::outbox::{self, Change};
 use crate::snapshot::{Captured, Reader, SnapshotError};
 use crate::sql;
 
+/// What a diff sends, from the computation's kind and the run's mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rules {
+    /// A full resync: every member (or value) again, not only what changed.
+    pub full: bool,
+    /// Users the capture no longer has are sent `false` (audiences) or null (traits with
+    /// `on_missing = "null"`); a trait with `on_missing = "keep"` sends them nothing.
+    pub removals: bool,
+    /// A trait: changes carry a value, and a removal's value is JSON null.
+    pub values: bool,
+}
+
+impl Rules {
+    /// The rules for a run of `def`.
+    pub fn new(def: &crate::audience::AudienceDef, full: bool) -> Self {
+        Rules {
+            full,
+            removals: def.sends_removals(),
+            values: def.kind == crate::audience::Kind::Trait,
+        }
+    }
+
+    /// An audience's rules (tests, benchmarks).
+    pub fn audience(full: bool) -> Self {
+        Rules {
+            full,
+            removals: true,
+            values: false,
+        }
+    }
+}
+
 /// How many changes a diff holds.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DiffCounts {
-    /// `true` changes (users who entered, or every member on a full resync).
+    /// `true` changes (users who entered, or every member on a full resync; for a trait,
+    /// values sent).
     pub added: i64,
-    /// `false` changes (confirmed members who left).
+    /// `false` changes (confirmed members who left; for a trait, nulls sent).
     pub removed: i64,
 }
 
@@ -41,8 +74,8 @@ pub async fn is_first_sync(conn: &mut PgConnection, audience_id: i64) -> Result<
         .await?)
 }
 
-/// An audience's first sync: nothing is confirmed and nothing owed, so every member is a new
-/// version-1 `true` change and the diff is the capture itself. The query's rows stream
+/// An audience's first sync: nothing is confirmed and nothing owed, so every member (for a
+/// trait: every user with a value) is a new version-1 `true` change and the diff is the capture itself. The query's rows stream
 /// straight into the audience's new outbox partition (no capture table, no joins), which is
 /// indexed and attached in the same transaction: a failed query or a crash leaves nothing.
 pub async fn first_sync(
@@ -77,14 +110,16 @@ pub async fn write_outbox(
     conn: &mut PgConnection,
     audience_id: i64,
     run_id: i64,
-    full: bool,
+    rules: Rules,
 ) -> Result<DiffCounts, DiffError> {
     use sqlx::Connection;
     outbox::ensure_partition(conn, audience_id, run_id).await?;
     let mut tx = conn.begin().await?;
     let row = sqlx::query(sql::DIFF_WRITE)
         .bind(audience_id)
-        .bind(full)
+        .bind(rules.full)
+        .bind(rules.removals)
+        .bind(rules.values)
         .bind(run_id)
         .fetch_one(&mut *tx)
         .await?;
@@ -125,22 +160,26 @@ async fn refresh_statistics(
 pub async fn preview(
     conn: &mut PgConnection,
     audience_id: i64,
-    full: bool,
+    rules: Rules,
     sample: i64,
 ) -> Result<(DiffCounts, Vec<Change>), sqlx::Error> {
     let row = sqlx::query(sql::DIFF_COUNT)
         .bind(audience_id)
-        .bind(full)
+        .bind(rules.full)
+        .bind(rules.removals)
+        .bind(rules.values)
         .fetch_one(&mut *conn)
         .await?;
     let mut changes = sqlx::query_as::<_, Change>(sql::DIFF_SAMPLE)
         .bind(audience_id)
-        .bind(full)
+        .bind(rules.full)
+        .bind(rules.removals)
+        .bind(rules.values)
         .bind(sample)
         .fetch_all(&mut *conn)
         .await?;
     for c in &mut changes {
-        c.message_id = outbox::message_id(audience_id, &c.user_id, c.target_version, c.member);
+        c.message_id = c.derive_message_id(audience_id);
     }
     Ok((
         DiffCounts {

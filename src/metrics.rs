@@ -31,8 +31,14 @@ pub fn observe_delivery_latency(seconds: f64) {
 
 type Labels = Vec<(String, String)>;
 
-fn audience(key: &str) -> Labels {
-    vec![("audience".to_string(), key.to_string())]
+/// Every per-audience series is labelled with the key (`audience`, for audiences and traits
+/// alike, so dashboards and alerts written for audiences cover traits) and
+/// `computation_class` (`audience` or `trait`, as the identify call names it).
+fn audience(key: &str, class: &str) -> Labels {
+    vec![
+        ("audience".to_string(), key.to_string()),
+        ("computation_class".to_string(), class.to_string()),
+    ]
 }
 
 /// Renders every metric in the OpenMetrics text format.
@@ -55,14 +61,15 @@ pub async fn render(pool: &PgPool) -> Result<String, sqlx::Error> {
 /// `audience_sync_runs`: runs by audience, kind and final status.
 async fn register_runs(registry: &mut Registry, pool: &PgPool) -> Result<(), sqlx::Error> {
     let runs = Family::<Labels, Counter>::default();
-    let rows: Vec<(String, String, String, i64)> = sqlx::query_as(
-        "SELECT a.key, r.kind, r.status, count(*) FROM runs r JOIN audiences a ON a.id = r.audience_id
-          GROUP BY 1, 2, 3",
+    let rows: Vec<(String, String, String, String, i64)> = sqlx::query_as(
+        "SELECT a.key, a.kind, r.kind, r.status, count(*)
+           FROM runs r JOIN audiences a ON a.id = r.audience_id
+          GROUP BY 1, 2, 3, 4",
     )
     .fetch_all(pool)
     .await?;
-    for (key, kind, status, n) in rows {
-        let mut l = audience(&key);
+    for (key, class, kind, status, n) in rows {
+        let mut l = audience(&key, &class);
         l.push(("kind".into(), kind));
         l.push(("status".into(), status));
         runs.get_or_create(&l).inc_by(n.max(0) as u64);
@@ -81,17 +88,17 @@ async fn register_changes(registry: &mut Registry, pool: &PgPool) -> Result<(), 
     let failed = Family::<Labels, Counter>::default();
     let retried = Family::<Labels, Counter>::default();
     let last_success = Family::<Labels, Gauge<f64, AtomicU64>>::default();
-    let rows: Vec<(String, i64, i64, i64, Option<f64>)> = sqlx::query_as(
-        "SELECT a.key, coalesce(sum(r.sent), 0)::bigint, coalesce(sum(r.failed), 0)::bigint,
-                coalesce(sum(r.retried), 0)::bigint,
+    let rows: Vec<(String, String, i64, i64, i64, Option<f64>)> = sqlx::query_as(
+        "SELECT a.key, a.kind, coalesce(sum(r.sent), 0)::bigint,
+                coalesce(sum(r.failed), 0)::bigint, coalesce(sum(r.retried), 0)::bigint,
                 extract(epoch FROM max(r.finished_at) FILTER (WHERE r.status = 'succeeded'))::float8
            FROM audiences a LEFT JOIN runs r ON r.audience_id = a.id
-          GROUP BY a.key",
+          GROUP BY a.key, a.kind",
     )
     .fetch_all(pool)
     .await?;
-    for (key, s, f, rt, ok_at) in rows {
-        let l = audience(&key);
+    for (key, class, s, f, rt, ok_at) in rows {
+        let l = audience(&key, &class);
         sent.get_or_create(&l).inc_by(s.max(0) as u64);
         failed.get_or_create(&l).inc_by(f.max(0) as u64);
         retried.get_or_create(&l).inc_by(rt.max(0) as u64);
@@ -129,20 +136,32 @@ async fn register_audiences(registry: &mut Registry, pool: &PgPool) -> Result<()
     let members = Family::<Labels, Gauge>::default();
     let oldest = Family::<Labels, Gauge<f64, AtomicU64>>::default();
     let held = Family::<Labels, Gauge>::default();
-    let rows: Vec<(String, i64, i64, i64, Option<f64>, bool)> = sqlx::query_as(
-        "SELECT key, members, pending, failed,
-                extract(epoch FROM oldest_pending_age)::float8, held
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        key: String,
+        kind: String,
+        members: i64,
+        pending: i64,
+        failed: i64,
+        oldest_pending_s: Option<f64>,
+        held: bool,
+    }
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT key, kind, members, pending, failed,
+                extract(epoch FROM oldest_pending_age)::float8 AS oldest_pending_s, held
            FROM ops.audience_overview",
     )
     .fetch_all(pool)
     .await?;
-    for (key, m, p, f, age, h) in rows {
-        let l = audience(&key);
-        members.get_or_create(&l).set(m);
-        pending.get_or_create(&l).set(p);
-        failed_now.get_or_create(&l).set(f);
-        oldest.get_or_create(&l).set(age.unwrap_or(0.0));
-        held.get_or_create(&l).set(i64::from(h));
+    for r in rows {
+        let l = audience(&r.key, &r.kind);
+        members.get_or_create(&l).set(r.members);
+        pending.get_or_create(&l).set(r.pending);
+        failed_now.get_or_create(&l).set(r.failed);
+        oldest
+            .get_or_create(&l)
+            .set(r.oldest_pending_s.unwrap_or(0.0));
+        held.get_or_create(&l).set(i64::from(r.held));
     }
     registry.register(
         "audience_sync_pending_changes",
@@ -161,7 +180,7 @@ async fn register_audiences(registry: &mut Registry, pool: &PgPool) -> Result<()
     );
     registry.register(
         "audience_sync_members",
-        "Members as last confirmed by Wigzo",
+        "Members as last confirmed by Wigzo (for a trait: users with a confirmed value)",
         members,
     );
     registry.register(

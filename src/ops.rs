@@ -232,6 +232,8 @@ fn when(t: Option<DateTime<Utc>>) -> String {
 struct AudienceRow {
     audience_id: i64,
     key: String,
+    /// audience or trait.
+    kind: String,
     name: String,
     enabled: bool,
     members: i64,
@@ -249,6 +251,7 @@ struct AudienceRow {
 struct RunRow {
     run_id: i64,
     key: String,
+    computation_class: String,
     kind: String,
     status: String,
     trigger: String,
@@ -267,6 +270,8 @@ struct FailedRow {
     key: String,
     user_id: String,
     value: bool,
+    /// A trait's value (JSON text; `null` for a removal).
+    trait_value: Option<String>,
     status: String,
     attempts: i32,
     last_status: Option<i32>,
@@ -334,10 +339,11 @@ fn status_page(
                 p.muted {
                     "Generated " (Utc::now().format("%Y-%m-%d %H:%M:%S")) " UTC; refreshes every 30 s."
                 }
-                h2 { "Audiences" }
+                h2 { "Audiences and computed traits" }
                 table #audiences {
                     tr {
-                        th { "Key" } th { "Name" } th { "State" } th.num { "Members" }
+                        th { "Key" } th { "Kind" } th { "Name" } th { "State" }
+                        th.num title="For a trait: users with a value" { "Members" }
                         th { "Members over time" } th { "Last run" } th { "Finished (UTC)" }
                         th { "Next run (UTC)" } th.num { "Pending" } th.num { "Failed" }
                         th.num { "Oldest pending" }
@@ -345,8 +351,9 @@ fn status_page(
                     @for a in audiences {
                         @let points: Vec<i64> = history.iter().filter(|(id, _)| *id == a.audience_id).map(|(_, m)| *m).collect();
                         @let status = a.last_run_status.as_deref().unwrap_or("never run");
-                        tr.audience data-key=(a.key) {
+                        tr.audience data-key=(a.key) data-kind=(a.kind) {
                             td { code { (a.key) } }
+                            td.kind { (a.kind) }
                             td { (a.name) }
                             // A held audience waits for a person: say so, why, and how to
                             // release it.
@@ -382,7 +389,7 @@ fn status_page(
                 h2 { "Recent runs" }
                 table id="recent-runs" {
                     tr {
-                        th { "Run" } th { "Audience" } th { "Kind" } th { "Trigger" } th { "Status" }
+                        th { "Run" } th { "Key" } th { "Of" } th { "Kind" } th { "Trigger" } th { "Status" }
                         th { "Started (UTC)" } th.num { "Duration" } th.num { "Members" }
                         th.num { "Entered" } th.num { "Left" } th.num { "Sent" } th.num { "Failed" }
                         th { "Error" }
@@ -391,6 +398,7 @@ fn status_page(
                         tr.run data-run=(r.run_id) {
                             td { (r.run_id) }
                             td { code { (r.key) } }
+                            td { (r.computation_class) }
                             td { (r.kind) }
                             td { (r.trigger) }
                             td class=(r.status) { (r.status) }
@@ -408,7 +416,7 @@ fn status_page(
                 h2 { "Failed changes" }
                 table id="failed-changes" {
                     tr {
-                        th { "Audience" } th { "User id" } th { "Value" } th { "Status" }
+                        th { "Key" } th { "User id" } th { "Value" } th { "Status" }
                         th.num { "Attempts" } th.num { "HTTP status" } th { "Error" }
                     }
                     @if failed.is_empty() {
@@ -418,7 +426,7 @@ fn status_page(
                         tr."failed-change" {
                             td { code { (f.key) } }
                             td { (f.user_id) }
-                            td { (f.value) }
+                            td { (f.trait_value.as_deref().map_or_else(|| f.value.to_string(), str::to_string)) }
                             td class=(f.status) { (f.status) }
                             td.num { (f.attempts) }
                             td.num."http-status" { (f.last_status.map(|s| s.to_string()).unwrap_or_default()) }
@@ -446,7 +454,7 @@ async fn page(State(s): State<OpsState>) -> Response {
 
 async fn render_page(pool: &PgPool) -> Result<String, sqlx::Error> {
     let audiences: Vec<AudienceRow> = sqlx::query_as(
-        "SELECT audience_id, key, name, enabled, members, last_run_kind, last_run_status,
+        "SELECT audience_id, key, kind, name, enabled, members, last_run_kind, last_run_status,
                 last_run_finished_at, next_run_at, pending, failed,
                 extract(epoch FROM oldest_pending_age)::float8 AS oldest_pending_s, held_reason
            FROM ops.audience_overview ORDER BY key",
@@ -463,14 +471,15 @@ async fn render_page(pool: &PgPool) -> Result<String, sqlx::Error> {
     .fetch_all(pool)
     .await?;
     let runs: Vec<RunRow> = sqlx::query_as(
-        "SELECT run_id, key, kind, status, trigger, started_at, duration_s::float8 AS duration_s,
+        "SELECT run_id, key, computation_class, kind, status, trigger, started_at,
+                duration_s::float8 AS duration_s,
                 members, added, removed, sent, failed, error
            FROM ops.recent_runs ORDER BY run_id DESC LIMIT 20",
     )
     .fetch_all(pool)
     .await?;
     let failed: Vec<FailedRow> = sqlx::query_as(
-        "SELECT key, user_id, value, status, attempts, last_status, last_error
+        "SELECT key, user_id, value, trait_value, status, attempts, last_status, last_error
            FROM ops.failed_changes ORDER BY created_at DESC, user_id LIMIT 50",
     )
     .fetch_all(pool)
@@ -489,6 +498,7 @@ mod tests {
         let a = AudienceRow {
             audience_id: 1,
             key: hostile.into(),
+            kind: hostile.into(),
             name: hostile.into(),
             enabled: true,
             members: 1,
@@ -505,6 +515,7 @@ mod tests {
             key: hostile.into(),
             user_id: hostile.into(),
             value: true,
+            trait_value: Some(hostile.into()),
             status: hostile.into(),
             attempts: 1,
             last_status: None,

@@ -15,11 +15,25 @@ use crate::sql::{self, Table, template};
 /// the change it replaces when that one may have been sent (see `diff::write_outbox`). So
 /// every attempt of one change carries the same id, and no two changes share one, confirmed
 /// or not. Equal to SQL's `md5(audience || ':' || user_id || ':' || version || ':' || member)::uuid`,
-/// the formula older versions stored.
-pub fn message_id(audience_id: i64, user_id: &str, version: i64, member: bool) -> Uuid {
+/// the formula older versions stored. A trait's change puts its value (the JSON text sent,
+/// `null` for a removal) in place of the flag, so two values never share an id even under one
+/// change number.
+pub fn message_id(audience_id: i64, user_id: &str, version: i64, value: Sent<'_>) -> Uuid {
     let mut h = Md5::new();
-    h.update(format!("{audience_id}:{user_id}:{version}:{member}"));
+    match value {
+        Sent::Flag(member) => h.update(format!("{audience_id}:{user_id}:{version}:{member}")),
+        Sent::Value(v) => h.update(format!("{audience_id}:{user_id}:{version}:{v}")),
+    }
     Uuid::from_bytes(h.finalize().into())
+}
+
+/// What a change sets the key to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent<'a> {
+    /// An audience's membership flag.
+    Flag(bool),
+    /// A trait's value as JSON text (`null` for a user without a value any more).
+    Value(&'a str),
 }
 
 /// The name of the table that holds an audience's changes: its partition of `outbox`.
@@ -121,8 +135,10 @@ impl NewPartition {
 pub struct Change {
     /// The user's id, as the query returned it (text).
     pub user_id: String,
-    /// The value sent: `true` entered, `false` left.
+    /// The value sent: `true` entered, `false` left (a trait: has a value, or is sent null).
     pub member: bool,
+    /// A trait's value as JSON text (`null` for a removal); `None` for an audience.
+    pub value: Option<String>,
     /// Contact fields sent with it, when known.
     pub email: Option<String>,
     /// Phone, when known.
@@ -137,6 +153,21 @@ pub struct Change {
     /// When the diff first found this change; sent as the call's timestamp, so a retried
     /// call is byte-for-byte the same.
     pub detected_at: DateTime<Utc>,
+}
+
+impl Change {
+    /// What this change sets the key to.
+    pub fn sent(&self) -> Sent<'_> {
+        match &self.value {
+            Some(v) => Sent::Value(v),
+            None => Sent::Flag(self.member),
+        }
+    }
+
+    /// Its messageId ([`message_id`]).
+    pub fn derive_message_id(&self, audience_id: i64) -> Uuid {
+        message_id(audience_id, &self.user_id, self.target_version, self.sent())
+    }
 }
 
 /// A batch of claimed changes and the claim cursor to continue from.
@@ -181,7 +212,7 @@ pub async fn claim(
         .into_iter()
         .map(|r| {
             let mut c = r.change;
-            c.message_id = message_id(audience_id, &c.user_id, c.target_version, c.member);
+            c.message_id = c.derive_message_id(audience_id);
             c
         })
         .collect();
@@ -197,6 +228,8 @@ pub struct Confirmed {
     pub target_version: i64,
     /// The value that was sent.
     pub member: bool,
+    /// A trait's value that was sent (JSON text); `None` for an audience.
+    pub value: Option<String>,
     /// The messageId that was sent (recorded in the history).
     pub message_id: Uuid,
     /// Calls after the first, 429s included.
@@ -219,6 +252,7 @@ pub async fn confirm(
     let versions: Vec<i64> = done.iter().map(|d| d.target_version).collect();
     let members: Vec<bool> = done.iter().map(|d| d.member).collect();
     let mids: Vec<Uuid> = done.iter().map(|d| d.message_id).collect();
+    let values: Vec<Option<&str>> = done.iter().map(|d| d.value.as_deref()).collect();
     let n: i64 = sqlx::query_scalar(sql::CONFIRM)
         .bind(audience_id)
         .bind(&users)
@@ -226,6 +260,7 @@ pub async fn confirm(
         .bind(&members)
         .bind(&mids)
         .bind(owner)
+        .bind(&values)
         .fetch_one(pool)
         .await?;
     Ok(n as u64)

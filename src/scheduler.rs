@@ -86,7 +86,7 @@ async fn reload(
     let cfg = Config::load(path, env)?;
     if cfg.audiences.is_empty() {
         anyhow::bail!(
-            "the configuration defines no [[audience]]; set enabled = false on audiences to stop them"
+            "the configuration defines no [[audience]] or [[trait]]; set enabled = false on audiences and traits to stop them"
         );
     }
     crate::audience::check_queries(pool, &cfg.audiences).await?;

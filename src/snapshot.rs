@@ -10,7 +10,7 @@ use sqlx::pool::PoolConnection;
 // Audience queries come from the operator's config file, like any other SQL they run.
 use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection, PgPool, Postgres};
 
-use crate::audience::{AudienceError, QueryShape, db_message, inspect_query};
+use crate::audience::{AudienceError, Kind, QueryShape, db_message, inspect_query};
 use crate::sql::{self, Table, template};
 
 /// The capture table (temporary: private to the run's connection, gone when it closes).
@@ -58,7 +58,8 @@ pub enum SnapshotError {
 pub struct Captured {
     /// Distinct usable user ids: the audience's members.
     pub members: i64,
-    /// Rows left out for a NULL, empty or over-long user id.
+    /// Rows left out for a NULL, empty or over-long user id, or a trait value JSON cannot
+    /// carry (NaN, infinities).
     pub skipped_rows: i64,
 }
 
@@ -78,7 +79,8 @@ pub struct Streamed {
 pub struct Reader {
     conn: ReaderConn,
     key: String,
-    /// The query reduced to (user_id, email, phone, name) as text, unusable ids as NULL.
+    /// The query reduced to (user_id, email, phone, name, value) as text, unusable ids (and
+    /// ids of rows with an unusable value) as NULL.
     select: String,
     timeout: Duration,
     /// Set once the read-only transaction has ended and the connection can be reused.
@@ -133,6 +135,7 @@ impl Reader {
         run_conn: &mut PgConnection,
         home: &PgPool,
         key: &str,
+        kind: Kind,
         query: &str,
         source: Option<&SecretString>,
         timeout: Duration,
@@ -147,11 +150,11 @@ impl Reader {
                 let mut conn = crate::db::dedicated(&opts)
                     .await
                     .map_err(|e| source_err(e.to_string()))?;
-                let shape = inspect_query(&mut conn, key, query).await?;
+                let shape = inspect_query(&mut conn, key, kind, query).await?;
                 (ReaderConn::Source(conn), shape)
             }
             None => {
-                let shape = inspect_query(run_conn, key, query).await?;
+                let shape = inspect_query(run_conn, key, kind, query).await?;
                 let conn = home.acquire().await.map_err(|e| SnapshotError::Db {
                     key: key.to_string(),
                     message: db_message(&e),
@@ -195,7 +198,7 @@ impl Reader {
     }
 
     /// Streams the query's rows into `copy_in`, a text-format
-    /// `COPY <table> (user_id, email, phone, name) FROM STDIN` on `writer`, leaving out (and
+    /// `COPY <table> (user_id, email, phone, name, value) FROM STDIN` on `writer`, leaving out (and
     /// counting) the rows whose id is unusable. The query runs on the reader's backend while
     /// the writer's stores the rows: on two cores the two overlap. If the query fails, the
     /// COPY is aborted, so the target gets no row of a failed query.
@@ -378,8 +381,10 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.code().as_deref() == Some("23505"))
 }
 
-/// The query reduced to the four columns we keep, all as text; empty or blank ids, and ids
-/// too long to index, become NULL (left out and counted by [`Reader::copy_into`]).
+/// The query reduced to the five columns we keep, all as text; empty or blank ids, ids too
+/// long to index, and rows whose trait value JSON cannot carry, get a NULL id (left out and
+/// counted by [`Reader::copy_into`]). A trait's value becomes its canonical JSON text, and
+/// its users without a value (NULL) are not rows of the capture: they have no value to send.
 fn cleaned_select(query: &str, shape: QueryShape) -> String {
     let col = |present: bool, name: &str| {
         if present {
@@ -388,10 +393,20 @@ fn cleaned_select(query: &str, shape: QueryShape) -> String {
             format!("NULL::text AS {name}")
         }
     };
+    let (value, usable, filter) = match shape.value {
+        Some(t) => (
+            t.json_sql("q.value"),
+            t.usable_sql("q.value"),
+            "WHERE q.value IS NOT NULL",
+        ),
+        None => ("NULL::text".to_string(), "true".to_string(), ""),
+    };
     format!(
-        "SELECT CASE WHEN btrim(user_id) <> '' AND length(user_id) <= {MAX_USER_ID_LEN}
-                     THEN user_id END AS user_id, email, phone, name
-           FROM (SELECT q.user_id::text AS user_id, {}, {}, {} FROM (\n{query}\n) AS q) AS s",
+        "SELECT CASE WHEN btrim(user_id) <> '' AND length(user_id) <= {MAX_USER_ID_LEN} AND usable
+                     THEN user_id END AS user_id, email, phone, name, value
+           FROM (SELECT q.user_id::text AS user_id, {}, {}, {},
+                        {value} AS value, {usable} AS usable
+                   FROM (\n{query}\n) AS q {filter}) AS s",
         col(shape.email, "email"),
         col(shape.phone, "phone"),
         col(shape.name, "name"),

@@ -1,4 +1,5 @@
-//! Read-only views of the worker's state for operators: per-audience status and recent runs.
+//! Read-only views of the worker's state for operators: per-audience (and per-trait) status
+//! and recent runs.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -9,11 +10,13 @@ use sqlx::{FromRow, PgPool};
 pub struct AudienceStatus {
     /// Its key.
     pub key: String,
+    /// `audience` or `trait`.
+    pub kind: String,
     /// Its name.
     pub name: String,
     /// Whether it is synced.
     pub enabled: bool,
-    /// Members Wigzo has confirmed.
+    /// Members Wigzo has confirmed (for a trait: users with a confirmed value).
     pub members: i64,
     /// Its latest run, if any.
     pub last_run_id: Option<i64>,
@@ -34,7 +37,7 @@ pub struct AudienceStatus {
 /// Every audience's state, enabled ones first.
 pub async fn audiences(pool: &PgPool) -> Result<Vec<AudienceStatus>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT a.key, a.name, a.enabled,
+        "SELECT a.key, a.kind, a.name, a.enabled,
                 (SELECT count(*) FROM synced_members s WHERE s.audience_id = a.id AND s.member) AS members,
                 r.id AS last_run_id, r.kind AS last_run_kind, r.status AS last_run_status,
                 r.finished_at AS last_run_finished_at,
@@ -54,8 +57,10 @@ pub async fn audiences(pool: &PgPool) -> Result<Vec<AudienceStatus>, sqlx::Error
 pub struct RunRow {
     /// Its id.
     pub run_id: i64,
-    /// The audience's key.
+    /// The audience's (or trait's) key.
     pub audience: String,
+    /// `audience` or `trait`.
+    pub computation: String,
     /// initial, incremental or full_resync.
     pub kind: String,
     /// Its status.
@@ -89,7 +94,8 @@ pub async fn runs(
     limit: i64,
 ) -> Result<Vec<RunRow>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT r.id AS run_id, a.key AS audience, r.kind, r.status, r.started_at, r.finished_at,
+        "SELECT r.id AS run_id, a.key AS audience, a.kind AS computation, r.kind, r.status,
+                r.started_at, r.finished_at,
                 r.members, r.added, r.removed, r.sent, r.failed, r.retried, r.skipped_rows, r.error
            FROM runs r JOIN audiences a ON a.id = r.audience_id
           WHERE $1::text IS NULL OR a.key = $1
@@ -146,6 +152,7 @@ pub fn render_audiences(rows: &[AudienceStatus]) -> String {
         .map(|a| {
             vec![
                 a.key.clone(),
+                a.kind.clone(),
                 if a.enabled {
                     a.name.clone()
                 } else {
@@ -163,6 +170,7 @@ pub fn render_audiences(rows: &[AudienceStatus]) -> String {
     table(
         &[
             "KEY",
+            "KIND",
             "NAME",
             "MEMBERS",
             "LAST RUN",
@@ -190,6 +198,7 @@ pub fn render_runs(rows: &[RunRow]) -> String {
             vec![
                 r.run_id.to_string(),
                 r.audience.clone(),
+                r.computation.clone(),
                 r.kind.clone(),
                 r.status.clone(),
                 time(&Some(r.started_at)),
@@ -214,7 +223,8 @@ pub fn render_runs(rows: &[RunRow]) -> String {
     table(
         &[
             "RUN",
-            "AUDIENCE",
+            "KEY",
+            "OF",
             "KIND",
             "STATUS",
             "STARTED (UTC)",

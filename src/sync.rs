@@ -160,8 +160,10 @@ impl RunOptions {
 /// One run's outcome: what `sync --json` prints.
 #[derive(Debug, Clone, Serialize)]
 pub struct RunReport {
-    /// The audience's key.
+    /// The audience's (or trait's) key.
     pub audience: String,
+    /// `audience` or `trait`.
+    pub computation: crate::audience::Kind,
     /// Its `runs` row (none for a dry run).
     pub run_id: Option<i64>,
     /// What it sent.
@@ -213,7 +215,7 @@ impl RunReport {
         self.members = captured.members;
         self.skipped_rows = captured.skipped_rows;
         if captured.skipped_rows > 0 {
-            tracing::warn!(audience = %self.audience, skipped_rows = captured.skipped_rows, "rows with an empty, NULL or over-long user_id were skipped");
+            tracing::warn!(audience = %self.audience, skipped_rows = captured.skipped_rows, "rows with an empty, NULL or over-long user_id (or a NaN or infinite trait value) were skipped");
         }
     }
 
@@ -286,6 +288,7 @@ impl Worker {
         let started = Instant::now();
         let mut report = RunReport {
             audience: audience.def.key.clone(),
+            computation: audience.def.kind,
             run_id: None,
             kind: match mode {
                 Mode::FullResync => RunKind::FullResync,
@@ -368,6 +371,7 @@ impl Worker {
             lock.conn(),
             &self.pool,
             &audience.def.key,
+            audience.def.kind,
             &audience.def.query,
             audience.def.source_url.as_ref(),
             self.statement_timeout,
@@ -447,11 +451,12 @@ impl Worker {
             report.held_reason = self.guard_verdict(conn, audience, captured).await?;
             report.would_hold = report.held_reason.is_some();
         }
-        let (counts, sample) = diff::preview(conn, audience.id, full, 3).await?;
+        let rules = diff::Rules::new(&audience.def, full);
+        let (counts, sample) = diff::preview(conn, audience.id, rules, 3).await?;
         report.diffed(counts);
         report.sample = sample
             .iter()
-            .map(|c| identify_payload(audience.id, &audience.def.key, c))
+            .map(|c| identify_payload(audience.id, &audience.def.key, audience.def.kind, c))
             .collect();
         report.status = RunStatus::Succeeded;
         Ok(())
@@ -479,22 +484,23 @@ impl Worker {
         }
         let captured = snapshot::capture(conn, reader).await?;
         report.captured(captured);
+        let rules = diff::Rules::new(&audience.def, full);
         if !opts.allow_removals
             && let Some(reason) = self.guard_verdict(conn, audience, captured).await?
         {
             // Nothing is written or sent; the counts say what would have been.
-            let (counts, _) = diff::preview(conn, audience.id, full, 0).await?;
+            let (counts, _) = diff::preview(conn, audience.id, rules, 0).await?;
             report.diffed(counts);
             let command = if full { "resync" } else { "sync" };
             report.error = Some(format!(
-                "held: {reason}. Fix the query, or send it anyway with \"audience-sync {command} --audience {} --allow-removals\"",
-                audience.def.key
+                "held: {reason}. Fix the query, or send it anyway with \"audience-sync {command} --{} {} --allow-removals\"",
+                audience.def.kind, audience.def.key
             ));
             report.held_reason = Some(reason);
             report.status = RunStatus::Held;
             return Ok(false);
         }
-        let counts = diff::write_outbox(conn, audience.id, run_id, full).await?;
+        let counts = diff::write_outbox(conn, audience.id, run_id, rules).await?;
         report.diffed(counts);
         // The capture is no longer needed; free it before a long delivery.
         let _ = sqlx::query("DROP TABLE IF EXISTS pg_temp.audience_capture")
@@ -510,6 +516,10 @@ impl Worker {
         audience: &Audience,
         captured: snapshot::Captured,
     ) -> Result<Option<String>, RunError> {
+        if !audience.def.sends_removals() {
+            // A trait that keeps values when users leave sends no removal to hold.
+            return Ok(None);
+        }
         let (confirmed, removing) = guard::measure(conn, audience.id).await?;
         let verdict = audience.def.guard.verdict(&guard::Seen {
             confirmed,
@@ -537,6 +547,7 @@ impl Worker {
         let target = Target {
             audience_id: audience.id,
             key: key.clone(),
+            kind: audience.def.kind,
             progress: progress.clone(),
         };
         let run_cancel = self.cancel.child_token();
@@ -613,10 +624,11 @@ impl Worker {
             // answer, so the run ends partial and the audience waits for its next tick.
             report.status = RunStatus::Partial;
             report.error = Some(format!(
-                "{} changes are held because Wigzo rejected them ({} in this run; last error: {}); they are sent again when the user's value or contact fields change, by a full resync, or by `audience-sync retry --audience {}`",
+                "{} changes are held because Wigzo rejected them ({} in this run; last error: {}); they are sent again when the user's value or contact fields change, by a full resync, or by `audience-sync retry --{} {}`",
                 report.rejected,
                 d.rejected,
                 d.last_error.as_deref().unwrap_or("see ops.failed_changes"),
+                audience.def.kind,
                 audience.def.key
             ));
             return Ok(());

@@ -8,6 +8,7 @@ use rand::Rng;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 
+use crate::audience::Kind;
 use crate::config::WigzoConfig;
 use crate::outbox::Change;
 
@@ -109,12 +110,12 @@ pub struct Identify<'a> {
     is_active: bool,
 }
 
-/// `{"<audience key>": member, "email": ..., "phone": ..., "name": ...}`; a contact field of the
-/// same name as the key is left out so that the flag is not overwritten.
+/// `{"<key>": value, "email": ..., "phone": ..., "name": ...}`; a contact field of the same
+/// name as the key is left out so that the value is not overwritten.
 #[derive(Debug)]
 struct Traits<'a> {
     key: &'a str,
-    member: bool,
+    value: TraitValue<'a>,
     email: Option<&'a str>,
     phone: Option<&'a str>,
     name: Option<&'a str>,
@@ -124,7 +125,11 @@ impl serde::Serialize for Traits<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
         let mut m = s.serialize_map(None)?;
-        m.serialize_entry(self.key, &self.member)?;
+        match self.value {
+            TraitValue::Flag(member) => m.serialize_entry(self.key, &member)?,
+            TraitValue::Json(raw) => m.serialize_entry(self.key, raw)?,
+            TraitValue::String(text) => m.serialize_entry(self.key, text)?,
+        }
         for (field, value) in [
             ("email", self.email),
             ("phone", self.phone),
@@ -138,6 +143,30 @@ impl serde::Serialize for Traits<'_> {
             }
         }
         m.end()
+    }
+}
+
+/// What the key is set to.
+#[derive(Debug, Clone, Copy)]
+enum TraitValue<'a> {
+    /// An audience's membership.
+    Flag(bool),
+    /// A trait's value: canonical JSON made by the capture's SQL, written into the body as it is.
+    Json(&'a serde_json::value::RawValue),
+    /// A stored value that is not JSON (never made by the capture): sent as a string rather
+    /// than breaking the body.
+    String(&'a str),
+}
+
+impl<'a> TraitValue<'a> {
+    fn of(change: &'a Change) -> Self {
+        match change.value.as_deref() {
+            None => TraitValue::Flag(change.member),
+            Some(v) => match serde_json::from_str::<&serde_json::value::RawValue>(v) {
+                Ok(raw) => TraitValue::Json(raw),
+                Err(_) => TraitValue::String(v),
+            },
+        }
     }
 }
 
@@ -166,9 +195,9 @@ fn as_string<S: serde::Serializer>(v: &i64, s: S) -> Result<S::Ok, S::Error> {
 }
 
 impl<'a> Identify<'a> {
-    /// The identify call for one change of audience `audience_id` (key `key`). Empty contact
-    /// fields are left out.
-    pub fn new(audience_id: i64, key: &'a str, change: &'a Change) -> Self {
+    /// The identify call for one change of audience or trait `audience_id` (key `key`). Empty
+    /// contact fields are left out.
+    pub fn new(audience_id: i64, key: &'a str, kind: Kind, change: &'a Change) -> Self {
         let present = |v: &'a Option<String>| v.as_deref().filter(|v| !v.is_empty());
         let (email, phone, name) = (
             present(&change.email),
@@ -185,14 +214,14 @@ impl<'a> Identify<'a> {
             full_name: name,
             traits: Traits {
                 key,
-                member: change.member,
+                value: TraitValue::of(change),
                 email,
                 phone,
                 name,
             },
             context: Context {
                 personas: Personas {
-                    computation_class: "audience",
+                    computation_class: kind.as_str(),
                     computation_key: key,
                     computation_id: audience_id,
                 },
@@ -207,8 +236,8 @@ impl<'a> Identify<'a> {
 }
 
 /// The identify call for one change as a JSON value (dry-run samples, tests).
-pub fn identify_payload(audience_id: i64, key: &str, change: &Change) -> Value {
-    serde_json::to_value(Identify::new(audience_id, key, change)).expect("serialisable")
+pub fn identify_payload(audience_id: i64, key: &str, kind: Kind, change: &Change) -> Value {
+    serde_json::to_value(Identify::new(audience_id, key, kind, change)).expect("serialisable")
 }
 
 fn rfc3339(t: DateTime<Utc>) -> String {
@@ -455,6 +484,7 @@ mod tests {
         Change {
             user_id: "u-1".into(),
             member: false,
+            value: None,
             email: email.map(Into::into),
             phone: Some(String::new()),
             name: name.map(Into::into),
@@ -465,10 +495,62 @@ mod tests {
     }
 
     #[test]
+    fn a_traits_value_is_written_as_its_json_and_a_removal_as_null() {
+        let mut c = change(Some("a@example.com"), None);
+        for (stored, sent) in [
+            ("1.5", json!(1.5)),
+            ("12345678901234567890", json!(12345678901234567890u64)),
+            (
+                "\"12345678901234567890.5\"",
+                json!("12345678901234567890.5"),
+            ),
+            ("\"gold\"", json!("gold")),
+            ("true", json!(true)),
+            ("\"2026-01-02T03:04:05Z\"", json!("2026-01-02T03:04:05Z")),
+            ("null", json!(null)),
+        ] {
+            c.member = stored != "null";
+            c.value = Some(stored.into());
+            let body = serde_json::to_string(&Identify::new(9, "ltv", Kind::Trait, &c)).unwrap();
+            let v: Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(v["traits"]["ltv"], sent, "{stored}");
+            assert!(body.contains(&format!("\"ltv\":{stored}")), "{body}");
+            assert_eq!(v["context"]["personas"]["computation_class"], "trait");
+            assert_eq!(v["traits"]["email"], "a@example.com");
+        }
+        // Not JSON (never made by the capture): a string, and the body stays JSON.
+        c.value = Some("1.5.5".into());
+        let v = identify_payload(9, "ltv", Kind::Trait, &c);
+        assert_eq!(v["traits"]["ltv"], "1.5.5");
+    }
+
+    #[test]
+    fn trait_message_ids_differ_by_value_under_one_change_number() {
+        use crate::outbox::{Sent, message_id};
+        let ids = [
+            message_id(3, "u", 2, Sent::Value("false")),
+            message_id(3, "u", 2, Sent::Value("null")),
+            message_id(3, "u", 2, Sent::Value("1")),
+            message_id(3, "u", 2, Sent::Value("\"1\"")),
+            message_id(3, "u", 3, Sent::Value("1")),
+        ];
+        for (i, a) in ids.iter().enumerate() {
+            for b in &ids[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
+        // An audience's ids are the formula older versions stored.
+        assert_eq!(
+            message_id(3, "u", 2, Sent::Flag(true)),
+            uuid::Uuid::from_bytes(<md5::Md5 as md5::Digest>::digest(b"3:u:2:true").into())
+        );
+    }
+
+    #[test]
     fn identify_payload_has_the_documented_shape() {
         let c = change(Some("a@example.com"), Some("Ann"));
         assert_eq!(
-            identify_payload(7, "dormant_shoppers", &c),
+            identify_payload(7, "dormant_shoppers", Kind::Audience, &c),
             json!({
                 "type": "identify",
                 "userId": "u-1",
@@ -493,7 +575,7 @@ mod tests {
     #[test]
     fn an_audience_keyed_like_a_contact_field_keeps_its_flag() {
         let c = change(Some("a@example.com"), None);
-        let body = serde_json::to_string(&Identify::new(1, "email", &c)).unwrap();
+        let body = serde_json::to_string(&Identify::new(1, "email", Kind::Audience, &c)).unwrap();
         let v: Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v["traits"], json!({"email": false}));
         assert!(body.contains(r#""traits":{"email":false}"#), "{body}");
@@ -583,7 +665,9 @@ mod tests {
         drop(listener);
         let client = WigzoClient::new(&WigzoConfig::new(url, "t")).unwrap();
         let c = change(None, None);
-        let outcome = client.send(&Identify::new(1, "k", &c)).await;
+        let outcome = client
+            .send(&Identify::new(1, "k", Kind::Audience, &c))
+            .await;
         assert!(
             matches!(&outcome, Outcome::Retry { status: None, error, .. } if error.starts_with("connection failed")),
             "{outcome:?}"

@@ -1,9 +1,10 @@
 //! `audience-sync demo`: the whole job in one command, on a throwaway shop database and an
 //! in-process Wigzo-compatible receiver, with no setup.
 //!
-//! It seeds a small shop, defines three audiences, runs an initial sync, moves the shop forward
-//! a week (new orders, time passing), runs an incremental sync and a full resync, printing what
-//! was sent at each step, and checks that what the receiver got matches what the runs report.
+//! It seeds a small shop, defines three audiences and a computed trait (lifetime value), runs an
+//! initial sync, moves the shop forward a week (new orders, time passing), runs an incremental
+//! sync and a full resync, printing what was sent at each step, and checks that what the
+//! receiver got matches what the runs report.
 //!
 //! The demo's machinery lives here, apart from the sync path, which never imports it:
 //! [`embedded_pg`] (a throwaway PostgreSQL cluster) and [`receiver`] (an in-process
@@ -34,6 +35,8 @@ pub const DEFAULT_MEMBERS: i64 = 3000;
 const DEMO_TOKEN: &str = "demo-token";
 /// The audience given a full resync in step 4.
 const RESYNC_KEY: &str = "dormant_shoppers";
+/// The demo's computed trait.
+const TRAIT_KEY: &str = "lifetime_value";
 
 /// What `demo` was asked to do.
 #[derive(Debug, Clone)]
@@ -197,11 +200,17 @@ fn url_with_database(url: &str, name: &str) -> String {
     out
 }
 
-/// The three demo audiences. Their queries read "now" from `demo_clock` so the demo can move
-/// time forward.
+/// The three demo audiences, then the demo's computed trait. Their queries read "now" from
+/// `demo_clock` so the demo can move time forward.
 pub fn audience_defs() -> Vec<AudienceDef> {
     let def = |name: &str, query: &str| AudienceDef {
         key: audience::derive_key(name).expect("demo names have keys"),
+        kind: if name == "Lifetime Value" {
+            audience::Kind::Trait
+        } else {
+            audience::Kind::Audience
+        },
+        on_missing: audience::OnMissing::Null,
         name: name.to_string(),
         schedule: DEFAULT_SCHEDULE.to_string(),
         query: query.to_string(),
@@ -237,6 +246,13 @@ pub fn audience_defs() -> Vec<AudienceDef> {
               WHERE u.country IN ('DE', 'FR', 'IT', 'ES', 'NL', 'IE', 'PL', 'SE')
                 AND (SELECT sum(o.amount) FROM demo_orders o, demo_clock c
                       WHERE o.user_id = u.id AND o.ordered_at <= c.now) > 400",
+        ),
+        def(
+            "Lifetime Value",
+            "SELECT u.id AS user_id, u.email, u.phone, sum(o.amount) AS value
+               FROM demo_users u JOIN demo_orders o ON o.user_id = u.id, demo_clock c
+              WHERE o.ordered_at <= c.now
+              GROUP BY u.id",
         ),
     ]
 }
@@ -383,7 +399,7 @@ async fn story_on(
     let defs = audience_defs();
     let stored = audience::store_definitions(pool, &defs).await?;
     for a in &stored {
-        println!("audience: {} ({})", a.def.key, a.def.name);
+        println!("{}: {} ({})", a.def.kind, a.def.key, a.def.name);
     }
 
     let mut dest = destination(opts, env).await?;
@@ -403,12 +419,13 @@ async fn story_on(
     let r = step(&worker, "1) initial sync", &all, Mode::Sync).await?;
     sent += total_sent(&r);
     if let Some(rx) = &dest.receiver {
-        let key = &stored[0].def.key;
-        if let Some(sample) = rx.sample(key) {
-            println!(
-                "\nsample identify call ({key}):\n{}",
-                serde_json::to_string_pretty(&sample)?
-            );
+        for key in [stored[0].def.key.as_str(), TRAIT_KEY] {
+            if let Some(sample) = rx.sample(key) {
+                println!(
+                    "\nsample identify call ({key}):\n{}",
+                    serde_json::to_string_pretty(&sample)?
+                );
+            }
         }
     }
 
@@ -439,7 +456,8 @@ async fn story_on(
     println!("\nstatus:");
     print!("{}", status::render_audiences(&rows));
 
-    // Consistency: confirmed membership equals what the queries say now.
+    // Consistency: confirmed membership (for the trait: users with a value, and the values
+    // themselves) equals what the queries say now.
     for a in &stored {
         let expected: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
             "SELECT count(*) FROM ({}) q",
@@ -454,10 +472,30 @@ async fn story_on(
             .unwrap_or(-1);
         if got != expected {
             bail!(
-                "audience {}: {got} confirmed members, but its query returns {expected}",
-                a.def.key
+                "{}: {got} confirmed members, but its query returns {expected}",
+                a.def.label()
             );
         }
+    }
+    let trait_id = stored
+        .iter()
+        .find(|a| a.def.key == TRAIT_KEY)
+        .map(|a| a.id)
+        .context("the demo trait is stored")?;
+    let wrong: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM ({}) q
+           JOIN synced_members s ON s.audience_id = {trait_id} AND s.user_id = q.user_id::text
+          WHERE s.value::numeric <> q.value",
+        audience_defs()
+            .iter()
+            .find(|d| d.key == TRAIT_KEY)
+            .map(|d| d.query.clone())
+            .unwrap_or_default()
+    )))
+    .fetch_one(pool)
+    .await?;
+    if wrong > 0 {
+        bail!("{TRAIT_KEY}: {wrong} users' confirmed values differ from what the query says now");
     }
     match dest.receiver.take() {
         Some(rx) => {
@@ -507,6 +545,7 @@ pub fn render_step(reports: &[RunReport]) -> String {
         .map(|r| {
             vec![
                 r.audience.clone(),
+                r.computation.to_string(),
                 r.kind.to_string(),
                 r.members.to_string(),
                 r.added.to_string(),
@@ -518,7 +557,7 @@ pub fn render_step(reports: &[RunReport]) -> String {
         .collect();
     status::table(
         &[
-            "AUDIENCE", "RUN", "MEMBERS", "ENTERED", "LEFT", "CALLS", "TIME",
+            "KEY", "KIND", "RUN", "MEMBERS", "ADDED", "REMOVED", "CALLS", "TIME",
         ],
         &rows,
     )
@@ -536,7 +575,8 @@ mod tests {
             [
                 "order_completed_last_30days",
                 "dormant_shoppers",
-                "high_value_customers_eu"
+                "high_value_customers_eu",
+                "lifetime_value"
             ]
         );
     }

@@ -1,2 +1,2 @@
--- Fills the capture with the query's rows (text COPY, one member per line).
-COPY pg_temp.audience_capture (user_id, email, phone, name) FROM STDIN
+-- Fills the capture with the query's rows (text COPY, one member, or user with a value, per line).
+COPY pg_temp.audience_capture (user_id, email, phone, name, value) FROM STDIN

@@ -2,4 +2,4 @@
 -- bytes, like the outbox and synced_members.
 DROP TABLE IF EXISTS pg_temp.audience_capture;
 CREATE TEMP TABLE audience_capture
-    (user_id text COLLATE "C" NOT NULL, email text, phone text, name text)
+    (user_id text COLLATE "C" NOT NULL, email text, phone text, name text, value text)

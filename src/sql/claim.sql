@@ -17,7 +17,7 @@ WITH picked AS (
        SET lease_owner = $2, lease_until = now() + make_interval(secs => $4),
            attempts = attempts + 1
      WHERE o.audience_id = $1 AND o.user_id = ANY (ARRAY(SELECT user_id FROM picked))
- RETURNING o.user_id, o.member, o.email, o.phone, o.name, o.target_version,
+ RETURNING o.user_id, o.member, o.email, o.phone, o.name, o.value, o.target_version,
            o.created_at AS detected_at
 )
 SELECT c.*, (SELECT max(user_id) FROM picked) AS last FROM claimed c

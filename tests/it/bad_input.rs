@@ -1,7 +1,7 @@
 //! Bad input gets a clear error naming the problem, and stored state is untouched.
 
 use crate::support::*;
-use audience_sync::audience::{AudienceDef, store_definitions};
+use audience_sync::audience::{AudienceDef, Kind, store_definitions};
 use audience_sync::sync::Mode;
 use sqlx::PgPool;
 
@@ -30,7 +30,7 @@ async fn queries_are_checked_before_anything_runs(pool: PgPool) {
         let pool = pool.clone();
         async move {
             let mut conn = pool.acquire().await.unwrap();
-            audience_sync::audience::inspect_query(&mut conn, "q", q)
+            audience_sync::audience::inspect_query(&mut conn, "q", Kind::Audience, q)
                 .await
                 .map(|_| ())
                 .map_err(|e| e.to_string())
@@ -395,9 +395,17 @@ async fn a_failed_or_unused_reader_leaves_the_pool_writable(pool: PgPool) {
     };
     // Fails after 20k rows have streamed.
     let failing = "SELECT id AS user_id FROM shop_users WHERE 1 / (id - 20001) IS NOT NULL";
-    let r = Reader::open(&mut run_conn, &one, "q", failing, None, timeout)
-        .await
-        .unwrap();
+    let r = Reader::open(
+        &mut run_conn,
+        &one,
+        "q",
+        Kind::Audience,
+        failing,
+        None,
+        timeout,
+    )
+    .await
+    .unwrap();
     let mut writer = pool.acquire().await.unwrap();
     let e = capture(&mut writer, r).await.unwrap_err();
     assert!(e.to_string().contains("division by zero"), "{e}");
@@ -406,14 +414,14 @@ async fn a_failed_or_unused_reader_leaves_the_pool_writable(pool: PgPool) {
         .expect("the pool got the failed reader's connection back");
     let all = "SELECT id AS user_id FROM shop_users";
     drop(
-        Reader::open(&mut run_conn, &one, "q", all, None, timeout)
+        Reader::open(&mut run_conn, &one, "q", Kind::Audience, all, None, timeout)
             .await
             .unwrap(),
     );
     writable()
         .await
         .expect("the pool got an unused reader's connection back");
-    let ok = Reader::open(&mut run_conn, &one, "q", all, None, timeout)
+    let ok = Reader::open(&mut run_conn, &one, "q", Kind::Audience, all, None, timeout)
         .await
         .unwrap();
     assert_eq!(capture(&mut writer, ok).await.unwrap().members, 20_001);

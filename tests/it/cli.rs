@@ -148,6 +148,112 @@ async fn a_bad_config_is_refused_and_changes_nothing_stored(pool: PgPool) {
 
 /// Hostile or broken config files: each is refused (exit 2) with a message naming the
 /// problem, and the audience already stored keeps its state.
+const TRAIT_ONLY: &str = r#"
+[[trait]]
+name = "Lifetime Value"
+query = "SELECT id AS user_id, email, id * 1.5 AS value FROM shop_users WHERE member"
+"#;
+
+#[sqlx::test]
+async fn a_file_with_traits_only_syncs_them_by_flag_or_all_together(pool: PgPool) {
+    seed(&pool, 10, 4).await;
+    let server = wigzo_ok().await;
+    // `sync` with neither flag: every enabled audience and trait.
+    let o = run(&pool, TRAIT_ONLY, &server.uri(), &["sync", "--json"]);
+    assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(v[0]["audience"], "lifetime_value");
+    assert_eq!(v[0]["computation"], "trait");
+    assert_eq!(
+        (v[0]["kind"].as_str(), v[0]["sent"].as_i64()),
+        (Some("initial"), Some(4))
+    );
+    let bodies = calls(&server).await;
+    let c = bodies.iter().find(|c| c["userId"] == "3").unwrap();
+    assert_eq!(c["traits"]["lifetime_value"], 4.5);
+
+    // Named the wrong way: refused, saying which flag names it.
+    let o = run(
+        &pool,
+        TRAIT_ONLY,
+        &server.uri(),
+        &["sync", "--audience", "lifetime_value"],
+    );
+    assert_ne!(o.code, 0);
+    assert!(
+        o.stderr
+            .contains("is a trait in the config file; name it with --trait lifetime_value"),
+        "{}",
+        o.stderr
+    );
+
+    set_members(&pool, &[5], true).await;
+    let o = run(
+        &pool,
+        TRAIT_ONLY,
+        &server.uri(),
+        &["sync", "--trait", "lifetime_value"],
+    );
+    assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
+    assert!(
+        o.stdout.contains("lifetime_value incremental"),
+        "{}",
+        o.stdout
+    );
+    assert_eq!(calls(&server).await.len(), 5);
+
+    let o = run(
+        &pool,
+        TRAIT_ONLY,
+        &server.uri(),
+        &["resync", "--trait", "lifetime_value", "--dry-run"],
+    );
+    assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
+    assert!(o.stdout.contains("would send=5"), "{}", o.stdout);
+    assert!(
+        o.stdout.contains(r#""computation_class":"trait""#),
+        "{}",
+        o.stdout
+    );
+    let o = run(
+        &pool,
+        TRAIT_ONLY,
+        &server.uri(),
+        &["resync", "--trait", "lifetime_value"],
+    );
+    assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
+    assert_eq!(calls(&server).await.len(), 10);
+    let o = run(&pool, TRAIT_ONLY, &server.uri(), &["resync"]);
+    assert_eq!(
+        o.code, 2,
+        "resync needs --audience or --trait: {}",
+        o.stderr
+    );
+
+    let o = run(&pool, TRAIT_ONLY, &server.uri(), &["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(
+        (v[0]["key"].as_str(), v[0]["kind"].as_str()),
+        (Some("lifetime_value"), Some("trait"))
+    );
+    assert_eq!(v[0]["members"], 5);
+    let o = run(
+        &pool,
+        TRAIT_ONLY,
+        &server.uri(),
+        &["runs", "--trait", "lifetime_value"],
+    );
+    assert!(
+        o.stdout
+            .lines()
+            .nth(1)
+            .unwrap()
+            .contains("lifetime_value  trait  full_resync"),
+        "{}",
+        o.stdout
+    );
+}
+
 #[sqlx::test]
 async fn hostile_configs_are_refused_and_change_nothing(pool: PgPool) {
     seed(&pool, 10, 4).await;
@@ -185,6 +291,28 @@ async fn hostile_configs_are_refused_and_change_nothing(pool: PgPool) {
         (
             "[[audience]]\nname = \"Writes\"\nquery = \"DROP TABLE shop_users\"\n".into(),
             "syntax error at or near \"TABLE\"",
+        ),
+        // Audiences and traits share one key namespace, and a key keeps its kind.
+        (
+            aud("[[trait]]\nname = \"order completed last 30DAYS\"\nquery = \"SELECT 1 AS user_id, 1 AS value\"\n"),
+            "already used by audience \"Order Completed Last 30days\" (audiences and traits share one namespace",
+        ),
+        (
+            "[[trait]]\nname = \"Order Completed Last 30days\"\nquery = \"SELECT 1 AS user_id, 1 AS value\"\n".into(),
+            "belongs to an audience already stored",
+        ),
+        (
+            "[[trait]]\nname = \"Email\"\nquery = \"SELECT 1 AS user_id, 'x' AS value\"\n".into(),
+            "key \"email\" is reserved",
+        ),
+        (
+            "[[trait]]\nname = \"LTV\"\non_missing = \"drop\"\nquery = \"SELECT 1 AS user_id, 1 AS value\"\n".into(),
+            "trait \"LTV\": on_missing must be",
+        ),
+        (aud("on_missing = \"keep\""), "on_missing is a [[trait]] setting"),
+        (
+            "[[trait]]\nname = \"LTV\"\nquery = \"SELECT 1 AS user_id, now()::time AS value\"\n".into(),
+            "column value has type time",
         ),
     ];
     for (config, want) in cases {

@@ -501,7 +501,9 @@ async fn a_held_audience_waits_for_its_source_or_a_release_over_the_api(pool: Pg
         .await
         .unwrap();
     assert!(
-        metrics.contains(&format!("audience_sync_held{{audience=\"{KEY}\"}} 1")),
+        metrics.contains(&format!(
+            "audience_sync_held{{audience=\"{KEY}\",computation_class=\"audience\"}} 1"
+        )),
         "{metrics}"
     );
 

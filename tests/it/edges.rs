@@ -504,6 +504,7 @@ async fn error_bodies_are_read_bounded() {
     let change = audience_sync::outbox::Change {
         user_id: "1".into(),
         member: true,
+        value: None,
         email: None,
         phone: None,
         name: None,
@@ -511,7 +512,12 @@ async fn error_bodies_are_read_bounded() {
         message_id: uuid::Uuid::nil(),
         detected_at: chrono::Utc::now(),
     };
-    let body = audience_sync::wigzo::Identify::new(1, KEY, &change);
+    let body = audience_sync::wigzo::Identify::new(
+        1,
+        KEY,
+        audience_sync::audience::Kind::Audience,
+        &change,
+    );
     let started = Instant::now();
     let outcome = client.send(&body).await;
     assert!(

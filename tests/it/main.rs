@@ -12,4 +12,5 @@ mod guard;
 mod ops;
 mod props;
 mod sync;
+mod traits;
 mod upgrade;

@@ -323,7 +323,7 @@ async fn metrics_parse_and_match_the_runs_table(pool: PgPool) {
         assert_eq!(types.get(family).map(String::as_str), Some(t), "{family}");
     }
 
-    let aud = format!("audience=\"{KEY}\"");
+    let aud = format!("audience=\"{KEY}\",computation_class=\"audience\"");
     let by_table: Vec<(String, String, i64)> =
         sqlx::query_as("SELECT kind, status, count(*) FROM runs GROUP BY 1, 2")
             .fetch_all(&pool)
@@ -401,10 +401,11 @@ async fn metrics_parse_and_match_the_runs_table(pool: PgPool) {
         .await
         .unwrap();
     let (m, _) = parse_metrics(&body);
-    assert_eq!(m["audience_sync_members{audience=\"never_run\"}"], 0.0);
-    assert!(
-        !m.contains_key("audience_sync_last_success_timestamp_seconds{audience=\"never_run\"}")
-    );
+    let never = "{audience=\"never_run\",computation_class=\"audience\"}";
+    assert_eq!(m[&format!("audience_sync_members{never}")], 0.0);
+    assert!(!m.contains_key(&format!(
+        "audience_sync_last_success_timestamp_seconds{never}"
+    )));
 
     // A database error is a 500 with a message.
     pool.close().await;
@@ -703,7 +704,9 @@ async fn a_held_audience_shows_on_the_page_the_metrics_and_the_views(pool: PgPoo
         .await
         .unwrap();
     assert!(
-        metrics.contains(&format!("audience_sync_held{{audience=\"{KEY}\"}} 1")),
+        metrics.contains(&format!(
+            "audience_sync_held{{audience=\"{KEY}\",computation_class=\"audience\"}} 1"
+        )),
         "{metrics}"
     );
     let dom = chromium_dom(&format!("{url}/")).await;

@@ -57,6 +57,8 @@ pub fn db_url(pool: &PgPool) -> String {
 pub fn def(name: &str, query: &str) -> AudienceDef {
     AudienceDef {
         key: audience_sync::audience::derive_key(name).unwrap(),
+        kind: audience_sync::audience::Kind::Audience,
+        on_missing: audience_sync::audience::OnMissing::Null,
         name: name.into(),
         schedule: "0 0 */3 * * *".into(),
         query: query.into(),

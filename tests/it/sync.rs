@@ -2,6 +2,7 @@
 //! concurrent runs.
 
 use crate::support::*;
+use audience_sync::outbox::Sent;
 use audience_sync::sync::Mode;
 use sqlx::PgPool;
 
@@ -176,6 +177,7 @@ async fn a_crash_between_send_and_confirm_loses_nothing_and_keeps_message_ids(po
         &mut conn,
         &pool,
         KEY,
+        audience_sync::audience::Kind::Audience,
         MEMBERS_QUERY,
         None,
         std::time::Duration::from_secs(5),
@@ -185,9 +187,14 @@ async fn a_crash_between_send_and_confirm_loses_nothing_and_keeps_message_ids(po
     audience_sync::snapshot::capture(&mut conn, reader)
         .await
         .unwrap();
-    audience_sync::diff::write_outbox(&mut conn, a.id, run_id, false)
-        .await
-        .unwrap();
+    audience_sync::diff::write_outbox(
+        &mut conn,
+        a.id,
+        run_id,
+        audience_sync::diff::Rules::audience(false),
+    )
+    .await
+    .unwrap();
     let claimed = audience_sync::outbox::claim(
         &pool,
         a.id,
@@ -304,7 +311,7 @@ async fn message_ids_equal_the_sql_formula(pool: PgPool) {
                 .await
                 .unwrap();
         assert_eq!(
-            audience_sync::outbox::message_id(aud, user, version, member),
+            audience_sync::outbox::message_id(aud, user, version, Sent::Flag(member)),
             sql,
             "{aud} {user:?} {version} {member}"
         );

@@ -1,29 +1,40 @@
-//! Upgrading a database in use: what migration 0007 (the outbox per audience) finds stored is
-//! kept, and the next run carries on from it with the same messageIds.
+//! Upgrading a database in use: what migrations 0007 (the outbox per audience) and later ones
+//! (0010, computed traits) find stored is kept, and the next run carries on from it with the
+//! same messageIds.
 
 use crate::support::*;
 use audience_sync::db::MIGRATOR;
-use audience_sync::outbox::message_id;
+use audience_sync::outbox::{Sent, message_id};
 use sqlx::PgPool;
 
 #[sqlx::test(migrations = false)]
 async fn the_per_audience_outbox_keeps_every_change_stored_before_it(pool: PgPool) {
     MIGRATOR.run_to(6, &pool).await.unwrap();
     seed(&pool, 10, 3).await;
-    let a = audience(&pool).await;
-    let other = audience_sync::audience::store_definitions(
-        &pool,
-        &[
-            def("Order Completed Last 30days", MEMBERS_QUERY),
-            def(
-                "Dormant",
-                "SELECT id AS user_id FROM shop_users WHERE NOT member",
-            ),
-        ],
-    )
-    .await
-    .unwrap()
-    .remove(1);
+    // Stored as version 6 stored them (today's store_definitions writes later columns).
+    let mut stored = Vec::new();
+    for d in [
+        def("Order Completed Last 30days", MEMBERS_QUERY),
+        def(
+            "Dormant",
+            "SELECT id AS user_id FROM shop_users WHERE NOT member",
+        ),
+    ] {
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO audiences (key, name, query, schedule) VALUES ($1, $2, $3, $4)
+             RETURNING id",
+        )
+        .bind(&d.key)
+        .bind(&d.name)
+        .bind(&d.query)
+        .bind(&d.schedule)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        stored.push(audience_sync::audience::Audience { id, def: d });
+    }
+    let other = stored.pop().unwrap();
+    let a = stored.pop().unwrap();
     // Confirmed: users 1, 2 and 9 (since left the audience). Owed: 3 entered (tried once),
     // 9 left; and a change of the other audience that Wigzo rejected.
     let run: i64 = sqlx::query_scalar(
@@ -74,6 +85,11 @@ async fn the_per_audience_outbox_keeps_every_change_stored_before_it(pool: PgPoo
     .await
     .unwrap();
     assert_eq!(after, before);
+    let kinds: Vec<String> = sqlx::query_scalar("SELECT kind FROM audiences ORDER BY id")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(kinds, ["audience", "audience"]);
     let mut conn = pool.acquire().await.unwrap();
     for id in [a.id, other.id] {
         assert!(
@@ -109,13 +125,13 @@ async fn the_per_audience_outbox_keeps_every_change_stored_before_it(pool: PgPoo
     let call = |user: &str| bodies.iter().find(|c| c["userId"] == user).unwrap();
     assert_eq!(
         call("3")["messageId"],
-        message_id(a.id, "3", 1, true).to_string()
+        message_id(a.id, "3", 1, Sent::Flag(true)).to_string()
     );
     assert_eq!(call("3")["timestamp"], "2026-11-30T08:00:00.000Z");
     assert_eq!(call("9")["traits"][KEY], false);
     assert_eq!(
         call("9")["messageId"],
-        message_id(a.id, "9", 2, false).to_string()
+        message_id(a.id, "9", 2, Sent::Flag(false)).to_string()
     );
     let members: Vec<String> = sqlx::query_scalar(
         "SELECT user_id FROM synced_members WHERE audience_id = $1 AND member ORDER BY 1",
