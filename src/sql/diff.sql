@@ -35,4 +35,15 @@ WITH diff AS (
            ) u
      WHERE $3
        AND NOT EXISTS (SELECT 1 FROM pg_temp.audience_capture c WHERE c.user_id = u.user_id)
+    UNION ALL
+    -- Without removals (a trait with on_missing = "keep"), a user who left still keeps an owed
+    -- change that may have reached Wigzo: it is carried as it is (same number, same id) until
+    -- confirmed, so the confirmed value never falls behind what Wigzo may hold.
+    SELECT o.user_id, o.member, o.email, o.phone, o.name, o.value,
+           COALESCE(s.version, 0) + 1
+      FROM outbox o
+      LEFT JOIN synced_members s ON s.audience_id = $1 AND s.user_id = o.user_id
+     WHERE NOT $3 AND o.audience_id = $1
+       AND (o.attempts > 0 OR o.target_version > COALESCE(s.version, 0) + 1)
+       AND NOT EXISTS (SELECT 1 FROM pg_temp.audience_capture c WHERE c.user_id = o.user_id)
 )

@@ -533,3 +533,46 @@ async fn a_trait_shows_in_the_views_metrics_and_status_with_its_kind(pool: PgPoo
         audience_sync::status::render_audiences(&rows)
     );
 }
+
+#[sqlx::test]
+async fn keep_still_delivers_a_change_that_may_have_reached_wigzo(pool: PgPool) {
+    seed_shop(&pool).await;
+    let t = ltv(&pool, OnMissing::Keep).await;
+    assert!(
+        sync(&worker(&pool, &wigzo_ok().await), &t)
+            .await
+            .succeeded()
+    );
+    // User 1: 10.5 confirmed; then 20, sent but unconfirmed (503s: it may have arrived).
+    sqlx::raw_sql("UPDATE orders SET amount = 20 WHERE user_id = 1")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let down = wigzo_answering(503).await;
+    let mut cfg = wigzo_config(&down.uri());
+    cfg.max_attempts = 1;
+    assert_eq!(sync(&worker_with(&pool, cfg), &t).await.status, "failed");
+    let tried = calls(&down).await;
+    assert_eq!(tried.len(), 1);
+    // The user loses their value: with `keep` no null is sent, but the change that may have
+    // reached Wigzo is still owed and is delivered with its id.
+    sqlx::raw_sql("DELETE FROM orders WHERE user_id = 1")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let ok = wigzo_ok().await;
+    let r = sync(&worker(&pool, &ok), &t).await;
+    assert!(r.succeeded(), "{r:?}");
+    let sent = calls(&ok).await;
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(sent[0]["traits"][LTV], json!(20));
+    assert_eq!(sent[0]["messageId"], tried[0]["messageId"]);
+    // Back to the first value: Wigzo holds 20, so 10.5 is a change and is sent.
+    sqlx::raw_sql("INSERT INTO orders VALUES (1, 10.5)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let r = sync(&worker(&pool, &ok), &t).await;
+    assert_eq!((r.added, r.sent), (1, 1), "{r:?}");
+    assert_eq!(values(&ok, LTV).await["1"], json!(10.5));
+}
