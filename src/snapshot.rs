@@ -88,30 +88,16 @@ pub struct Reader {
 }
 
 enum ReaderConn {
+    /// The worker's own database, no connection taken yet: a capture runs the query on the
+    /// run's own connection ([`capture`]); a first sync takes one from the pool when it
+    /// streams ([`Reader::copy_into`]).
+    Home(PgPool),
     /// The worker's own database: a pooled connection (a new one costs a TLS handshake, slow
-    /// before TCP_NODELAY can be set; see `db::set_nodelay` and BENCHMARKS.md).
+    /// before TCP_NODELAY can be set; see `db::set_nodelay` and BENCHMARKS.md), inside the
+    /// read-only transaction.
     Pooled(PoolConnection<Postgres>),
-    /// A `source_url` database.
+    /// A `source_url` database, inside the read-only transaction.
     Source(PgConnection),
-}
-
-impl std::ops::Deref for ReaderConn {
-    type Target = PgConnection;
-    fn deref(&self) -> &PgConnection {
-        match self {
-            ReaderConn::Pooled(c) => c,
-            ReaderConn::Source(c) => c,
-        }
-    }
-}
-
-impl std::ops::DerefMut for ReaderConn {
-    fn deref_mut(&mut self) -> &mut PgConnection {
-        match self {
-            ReaderConn::Pooled(c) => c,
-            ReaderConn::Source(c) => c,
-        }
-    }
 }
 
 impl Drop for Reader {
@@ -155,11 +141,7 @@ impl Reader {
             }
             None => {
                 let shape = inspect_query(run_conn, key, kind, query).await?;
-                let conn = home.acquire().await.map_err(|e| SnapshotError::Db {
-                    key: key.to_string(),
-                    message: db_message(&e),
-                })?;
-                (ReaderConn::Pooled(conn), shape)
+                (ReaderConn::Home(home.clone()), shape)
             }
         };
         let mut reader = Reader {
@@ -169,17 +151,74 @@ impl Reader {
             timeout,
             finished: false,
         };
-        let timeout_ms = timeout.as_millis().min(i32::MAX as u128);
-        reader
-            .conn
-            .execute(sql::render(
-                template::READER_BEGIN,
-                None,
-                &[("timeout_ms", timeout_ms as i64)],
-            ))
-            .await
-            .map_err(|e| reader.query_err(e))?;
+        if let ReaderConn::Source(c) = &mut reader.conn {
+            let begin = reader_begin(timeout);
+            if let Err(e) = c.execute(begin).await {
+                return Err(reader.query_err(e));
+            }
+        }
         Ok(reader)
+    }
+
+    /// The reader's connection inside its read-only transaction, taken from the pool first
+    /// for the worker's own database.
+    async fn started(&mut self) -> Result<&mut PgConnection, SnapshotError> {
+        if let ReaderConn::Home(pool) = &self.conn {
+            let mut c = pool.acquire().await.map_err(|e| SnapshotError::Db {
+                key: self.key.clone(),
+                message: db_message(&e),
+            })?;
+            let begun = c.execute(reader_begin(self.timeout)).await;
+            // Held from here on, so a failed BEGIN still closes rather than returns it.
+            self.conn = ReaderConn::Pooled(c);
+            begun.map_err(|e| self.query_err(e))?;
+        }
+        Ok(match &mut self.conn {
+            ReaderConn::Pooled(c) => c,
+            ReaderConn::Source(c) => c,
+            ReaderConn::Home(_) => unreachable!("taken above"),
+        })
+    }
+
+    /// Runs the query on `conn` itself (the worker's own database), in a read-only
+    /// transaction with the statement timeout, inserting its rows into the capture table with
+    /// no trip through the worker; rows with an unusable id are then deleted and counted.
+    /// PostgreSQL lets a read-only transaction write temporary tables only.
+    async fn insert_here(mut self, conn: &mut PgConnection) -> Result<Streamed, SnapshotError> {
+        let key = self.key.clone();
+        let db = |e: sqlx::Error| SnapshotError::Db {
+            key: key.clone(),
+            message: db_message(&e),
+        };
+        conn.execute(reader_begin(self.timeout))
+            .await
+            .map_err(|e| self.query_err(e))?;
+        let insert = format!(
+            "INSERT INTO pg_temp.audience_capture (user_id, email, phone, name, value) {}",
+            self.select
+        );
+        let inserted = match conn.execute(AssertSqlSafe(insert)).await {
+            Ok(done) => done.rows_affected(),
+            Err(e) => {
+                let _ = conn.execute("ROLLBACK").await;
+                return Err(self.query_err(e));
+            }
+        };
+        conn.execute("COMMIT").await.map_err(db)?;
+        let skipped = conn
+            .execute(sql::CAPTURE_SKIPPED)
+            .await
+            .map_err(db)?
+            .rows_affected();
+        self.finished = true;
+        Ok(Streamed {
+            rows: inserted - skipped,
+            skipped,
+        })
+    }
+
+    fn is_home(&self) -> bool {
+        matches!(self.conn, ReaderConn::Home(_))
     }
 
     fn query_err(&self, e: sqlx::Error) -> SnapshotError {
@@ -212,12 +251,13 @@ impl Reader {
             key: key.clone(),
             message: db_message(&e),
         };
-        let mut sink = writer.copy_in_raw(copy_in).await.map_err(db)?;
         let statement = format!("COPY ({}) TO STDOUT", self.select);
+        self.started().await?;
+        let mut sink = writer.copy_in_raw(copy_in).await.map_err(db)?;
         let mut lines = Lines::default();
         let streamed: Result<(), Failed> = async {
-            let mut rows = self
-                .conn
+            let reader = self.started().await.map_err(Failed::Started)?;
+            let mut rows = reader
                 .copy_out_raw(&statement)
                 .await
                 .map_err(Failed::Read)?;
@@ -241,6 +281,10 @@ impl Reader {
                 let _ = sink.abort("the rows could not be stored").await;
                 return Err(db(e));
             }
+            Err(Failed::Started(e)) => {
+                let _ = sink.abort("the audience query could not start").await;
+                return Err(e);
+            }
         }
         lines.finish();
         if !lines.out.is_empty() {
@@ -250,7 +294,7 @@ impl Reader {
         }
         let rows = sink.finish().await.map_err(db)?;
         // Ends the read-only transaction; a pooled connection then goes back to the pool.
-        self.conn.execute("COMMIT").await.map_err(db)?;
+        self.started().await?.execute("COMMIT").await.map_err(db)?;
         self.finished = true;
         Ok(Streamed {
             rows,
@@ -263,6 +307,17 @@ impl Reader {
 enum Failed {
     Read(sqlx::Error),
     Write(sqlx::Error),
+    Started(SnapshotError),
+}
+
+/// The read-only transaction with the statement timeout.
+fn reader_begin(timeout: Duration) -> AssertSqlSafe<String> {
+    let timeout_ms = timeout.as_millis().min(i32::MAX as u128);
+    sql::render(
+        template::READER_BEGIN,
+        None,
+        &[("timeout_ms", timeout_ms as i64)],
+    )
 }
 
 /// Text-format COPY rows on their way from reader to writer: whole lines are kept in `out`,
@@ -323,7 +378,11 @@ pub async fn capture(conn: &mut PgConnection, reader: Reader) -> Result<Captured
         message: db_message(&e),
     };
     conn.execute(sql::CAPTURE_CREATE).await.map_err(db)?;
-    let streamed = reader.copy_into(conn, sql::CAPTURE_COPY).await?;
+    let streamed = if reader.is_home() {
+        reader.insert_here(conn).await?
+    } else {
+        reader.copy_into(conn, sql::CAPTURE_COPY).await?
+    };
     let duplicates = unique_user_ids(conn, &Table::capture(), sql::CAPTURE_INDEX)
         .await
         .map_err(db)?;

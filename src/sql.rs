@@ -29,6 +29,8 @@ pub const RECORD_FAILURES: &str = include_str!("sql/record_failures.sql");
 pub const CAPTURE_CREATE: &str = include_str!("sql/capture_create.sql");
 /// Fills the capture table.
 pub const CAPTURE_COPY: &str = include_str!("sql/capture_copy.sql");
+/// Drops (and counts) the capture's rows without a usable id.
+pub const CAPTURE_SKIPPED: &str = include_str!("sql/capture_skipped.sql");
 /// The capture's unique index on the user id.
 pub const CAPTURE_INDEX: &str = include_str!("sql/capture_index.sql");
 /// The removal guard's measure.
