@@ -338,8 +338,15 @@ impl ValueType {
     /// skipped and counted, like a row without a user id.
     pub fn usable_sql(self, v: &str) -> String {
         match self {
-            ValueType::Numeric | ValueType::Float => {
-                format!("{v}::text NOT IN ('NaN', 'Infinity', '-Infinity')")
+            // Every value in a double's range is finite; only the rest are spelled out (a
+            // numeric's text form costs more than the comparison, and numeric infinities do
+            // not exist before PostgreSQL 14, so they cannot be written as literals).
+            ValueType::Numeric => format!(
+                "({v} = 0 OR abs({v}) BETWEEN 1e-300 AND 1e300
+                  OR {v}::text NOT IN ('NaN', 'Infinity', '-Infinity'))"
+            ),
+            ValueType::Float => {
+                format!("{v} NOT IN ('NaN'::float8, 'Infinity'::float8, '-Infinity'::float8)")
             }
             _ => "true".to_string(),
         }
