@@ -2,13 +2,11 @@
 //! concurrency and a rate limit, retries with backoff, and records every result. No database
 //! transaction is open while a call is in flight.
 
-use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use sqlx::PgPool;
-use tokio::sync::{Mutex, Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::WigzoConfig;
@@ -225,10 +223,8 @@ pub async fn deliver(
     ));
     let ctx = Arc::new(SendCtx {
         client: client.clone(),
-        limiter: NonZeroU32::new(cfg.requests_per_second)
-            .map(|rps| Arc::new(RateLimiter::direct(Quota::per_second(rps)))),
+        budget: client.budget().clone(),
         in_flight: Arc::new(Semaphore::new(cfg.concurrency)),
-        not_before: Arc::new(Mutex::new(Instant::now())),
         stop: stop.clone(),
         max_attempts: cfg.max_attempts,
         retry_base: cfg.retry_base,
@@ -421,9 +417,9 @@ async fn renew_leases(pool: PgPool, target: Target, owner: String, lease: Durati
 
 struct SendCtx {
     client: WigzoClient,
-    limiter: Option<Arc<DefaultDirectRateLimiter>>,
+    /// The process's budget for this token: rate and 429 pause, shared with every other run.
+    budget: crate::budget::Budget,
     in_flight: Arc<Semaphore>,
-    not_before: Arc<Mutex<Instant>>,
     stop: CancellationToken,
     max_attempts: u32,
     retry_base: Duration,
@@ -503,25 +499,20 @@ async fn send_one(ctx: &SendCtx, target: &Target, change: Change) -> SendResult 
 }
 
 impl SendCtx {
-    /// Makes one call when it is this change's turn (after any 429 pause, the rate limit and a
-    /// free slot), and watches the answer for a wrong endpoint. `None` if the run stopped
+    /// Makes one call when it is this change's turn (a free slot, then past any 429 pause and
+    /// within the rate), and watches the answer for a wrong endpoint. `None` if the run stopped
     /// first.
     async fn call(&self, body: &Identify<'_>, tries: &mut Tries) -> Option<Outcome> {
         if self.stop.is_cancelled() {
             return None;
         }
-        let wait_until = *self.not_before.lock().await;
-        if wait_until > Instant::now() {
-            tokio::select! {
-                _ = tokio::time::sleep_until(wait_until.into()) => {}
-                _ = self.stop.cancelled() => return None,
-            }
-        }
-        if let Some(l) = &self.limiter {
-            l.until_ready().await;
-        }
         let outcome = {
             let _permit = self.in_flight.acquire().await.expect("semaphore open");
+            // The budget is asked last, just before the call: a task that waited for a slot
+            // must not slip past a 429 pause set meanwhile (by this run or another).
+            if !self.budget.turn(&self.stop).await {
+                return None;
+            }
             // The run may have stopped (e.g. token refused) while this call waited its turn.
             if self.stop.is_cancelled() {
                 return None;
@@ -606,8 +597,7 @@ impl Attempts<'_> {
             let wait = retry_after
                 .unwrap_or_else(|| backoff(self.tries.throttled - 1, ctx.retry_base, ctx.retry_max))
                 .min(MAX_RETRY_AFTER);
-            let mut nb = ctx.not_before.lock().await;
-            *nb = (*nb).max(Instant::now() + wait);
+            ctx.budget.pause(wait);
             return Some(wait);
         }
         self.failures += 1;

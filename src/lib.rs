@@ -4,8 +4,10 @@
 //!
 //! Data path: [`audience`] (definitions) -> [`snapshot`] (capture) -> [`diff`] -> [`outbox`]
 //! -> [`delivery`] -> [`wigzo`] (client). [`sync`] runs that path for one audience; [`guard`]
-//! holds a run whose diff would remove most of an audience before anything is written.
+//! holds a run whose diff would remove most of an audience before anything is written;
+//! [`budget`] is the rate and 429 pause every run of the process shares.
 pub mod audience;
+pub mod budget;
 pub mod cli;
 pub mod config;
 pub mod db;

@@ -258,6 +258,8 @@ pub struct WigzoClient {
     http: reqwest::Client,
     url: String,
     token: SecretString,
+    /// This token's rate and 429 pause, shared by every clone (every run of the process).
+    budget: crate::budget::Budget,
 }
 
 impl std::fmt::Debug for WigzoClient {
@@ -287,7 +289,13 @@ impl WigzoClient {
             http,
             url: format!("{}{IDENTIFY_PATH}", cfg.base_url),
             token,
+            budget: crate::budget::Budget::new(cfg.requests_per_second),
         })
+    }
+
+    /// The budget every run using this client (or a clone of it) shares.
+    pub fn budget(&self) -> &crate::budget::Budget {
+        &self.budget
     }
 
     /// The endpoint, without the token (safe to log).

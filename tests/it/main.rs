@@ -3,6 +3,7 @@
 mod support;
 
 mod bad_input;
+mod budget;
 mod chaos;
 mod cli;
 mod daemon;
