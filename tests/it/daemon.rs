@@ -25,6 +25,8 @@ fn config(audiences: &str) -> String {
 
 const ORDERS: &str = "[[audience]]\nname = \"Order Completed Last 30days\"\n\
      query = \"SELECT id AS user_id, email, phone FROM shop_users WHERE member\"\n";
+const LTV: &str = "[[trait]]\nname = \"Lifetime Value\"\n\
+     query = \"SELECT id AS user_id, id * 1.5 AS value FROM shop_users\"\n";
 const DORMANT: &str = "[[audience]]\nname = \"Dormant Shoppers\"\n\
      query = \"SELECT id AS user_id FROM shop_users WHERE NOT member\"\n";
 
@@ -402,12 +404,13 @@ async fn sighup_picks_up_a_new_audience_and_disables_a_removed_one(pool: PgPool)
 }
 
 /// The daemon's own ops server: found from its log line, healthy, ready, and a resync asked
-/// for over the API (with the bearer token) runs, recorded with trigger `api`.
+/// for over the API (with the bearer token) runs, recorded with trigger `api`. A computed
+/// trait is scheduled and triggered the same way.
 #[sqlx::test]
 async fn the_daemon_serves_ops_and_runs_a_resync_asked_for_over_the_api(pool: PgPool) {
     seed(&pool, 30, 20).await;
     let server = wigzo_ok().await;
-    let cfg = config(ORDERS).replace(
+    let cfg = config(&format!("{ORDERS}{LTV}")).replace(
         "[daemon]",
         "[ops]\ntrigger_token = \"api-s3cret-0123456789\"\n[daemon]",
     );
@@ -418,33 +421,35 @@ async fn the_daemon_serves_ops_and_runs_a_resync_asked_for_over_the_api(pool: Pg
         http_get(format!("{base}/healthz")).await.unwrap().status(),
         200
     );
-    until(30, "the initial run", || async {
+    until(30, "the initial runs", || async {
         count(
             &pool,
             "SELECT count(*) FROM runs WHERE status = 'succeeded'",
         )
         .await
-            == 1
+            == 2
     })
     .await;
     assert_eq!(
         http_get(format!("{base}/readyz")).await.unwrap().status(),
         200
     );
-    let r = http()
-        .post(format!("{base}/api/audiences/{KEY}/resync"))
-        .bearer_auth("api-s3cret-0123456789")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
-    until(30, "the API resync to run", || async {
+    for key in [KEY, "lifetime_value"] {
+        let r = http()
+            .post(format!("{base}/api/audiences/{key}/resync"))
+            .bearer_auth("api-s3cret-0123456789")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202, "{key}");
+    }
+    until(30, "the API resyncs to run", || async {
         count(
             &pool,
             "SELECT count(*) FROM runs WHERE kind = 'full_resync' AND trigger = 'api' AND status = 'succeeded'",
         )
         .await
-            == 1
+            == 2
     })
     .await;
     let page = http_get(format!("{base}/"))
@@ -455,8 +460,14 @@ async fn the_daemon_serves_ops_and_runs_a_resync_asked_for_over_the_api(pool: Pg
         .unwrap();
     assert!(page.contains(KEY) && page.contains("full_resync"));
     stop(&mut daemon).await;
-    // 20 members initially, then 20 again for the resync.
-    assert_eq!(calls(&server).await.len(), 40);
+    // 20 members initially, then 20 again for the resync; 30 values, then 30 again.
+    let bodies = calls(&server).await;
+    assert_eq!(bodies.len(), 100);
+    let values = bodies
+        .iter()
+        .filter(|c| c["context"]["personas"]["computation_class"] == "trait")
+        .count();
+    assert_eq!(values, 60);
 }
 
 #[sqlx::test]

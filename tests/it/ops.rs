@@ -623,6 +623,10 @@ async fn the_status_page_renders_in_headless_chromium(pool: PgPool) {
                 "<script>alert(1)</script> Shoppers",
                 "SELECT id AS user_id FROM shop_users WHERE id = 1",
             ),
+            trait_def(
+                "Lifetime Value",
+                "SELECT id AS user_id, id * 2.5 AS value FROM shop_users",
+            ),
         ],
     )
     .await
@@ -639,6 +643,11 @@ async fn the_status_page_renders_in_headless_chromium(pool: PgPool) {
     assert!(dom.contains(&format!(r#"data-key="{KEY}""#)));
     assert!(dom.contains("Order Completed Last 30days"));
     assert!(dom.contains(r#"data-key="script_alert_1_script_shoppers""#));
+    // A computed trait has its row, marked as one.
+    assert!(
+        dom.contains(r#"data-key="lifetime_value" data-kind="trait""#),
+        "no trait row: {dom}"
+    );
     // The hostile name is shown as text, never run as markup.
     assert!(dom.contains("&lt;script&gt;alert(1)&lt;/script&gt; Shoppers"));
     assert!(!dom.contains("<script>alert(1)"));

@@ -68,6 +68,14 @@ pub fn def(name: &str, query: &str) -> AudienceDef {
     }
 }
 
+/// A computed trait over `query` (which returns `user_id` and `value`).
+pub fn trait_def(name: &str, query: &str) -> AudienceDef {
+    AudienceDef {
+        kind: audience_sync::audience::Kind::Trait,
+        ..def(name, query)
+    }
+}
+
 pub const MEMBERS_QUERY: &str = "SELECT id AS user_id, email, phone FROM shop_users WHERE member";
 
 /// The standard audience over `shop_users`.

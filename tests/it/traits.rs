@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use crate::support::*;
-use audience_sync::audience::{Audience, AudienceDef, Kind, OnMissing, store_definitions};
+use audience_sync::audience::{Audience, AudienceDef, OnMissing, store_definitions};
 use audience_sync::sync::Mode;
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -13,13 +13,6 @@ use sqlx::PgPool;
 const LTV: &str = "lifetime_value";
 const LTV_QUERY: &str = "SELECT u.id AS user_id, u.email, sum(o.amount) AS value
                            FROM shop u JOIN orders o ON o.user_id = u.id GROUP BY u.id";
-
-pub fn trait_def(name: &str, query: &str) -> AudienceDef {
-    AudienceDef {
-        kind: Kind::Trait,
-        ..def(name, query)
-    }
-}
 
 /// `shop(id, email)` 1..=5 and one order each: user i spent i * 10.50 (numeric(10, 2)).
 async fn seed_shop(pool: &PgPool) {
