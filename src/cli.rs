@@ -417,9 +417,10 @@ async fn prepare_for_reading(cli: &Cli, cfg: &Config) -> Result<sqlx::PgPool> {
     }
 }
 
-/// Builds a worker from the config.
+/// Builds a worker from the config, and starts keeping its destination budget in step with
+/// the other replicas (`budget::coordinate`, for as long as the process runs).
 pub fn worker(cfg: &Config, pool: sqlx::PgPool) -> Result<Worker> {
-    Ok(Worker {
+    let worker = Worker {
         connect: crate::db::options(cfg.database_url()?)?,
         pool,
         client: WigzoClient::new(&cfg.wigzo)?,
@@ -428,7 +429,14 @@ pub fn worker(cfg: &Config, pool: sqlx::PgPool) -> Result<Worker> {
         owner: owner_id(),
         cancel: CancellationToken::new(),
         progress: true,
-    })
+    };
+    tokio::spawn(crate::budget::coordinate(
+        worker.client.budget().clone(),
+        worker.pool.clone(),
+        worker.owner.clone(),
+        CancellationToken::new(),
+    ));
+    Ok(worker)
 }
 
 /// Runs the audiences one after another (each uses the full concurrency), stopping early on

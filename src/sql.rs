@@ -35,6 +35,8 @@ pub const CAPTURE_SKIPPED: &str = include_str!("sql/capture_skipped.sql");
 pub const CAPTURE_INDEX: &str = include_str!("sql/capture_index.sql");
 /// The removal guard's measure.
 pub const GUARD_MEASURE: &str = include_str!("sql/guard_measure.sql");
+/// A replica's heartbeat in the shared destination budget.
+pub const BUDGET_BEAT: &str = include_str!("sql/budget_beat.sql");
 /// Records a run as started.
 pub const RUN_START: &str = include_str!("sql/run_start.sql");
 /// Records a run's end.

@@ -285,11 +285,23 @@ impl WigzoClient {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| ClientError::Build(e.without_url().to_string()))?;
+        // Replicas with the same destination and token share one budget; the token itself is
+        // never stored, only this fingerprint.
+        let destination = {
+            use md5::Digest;
+            let mut h = md5::Md5::new();
+            h.update(cfg.base_url.as_bytes());
+            h.update(b"\n");
+            h.update(token.expose_secret().as_bytes());
+            let digest: [u8; 16] = h.finalize().into();
+            uuid::Uuid::from_bytes(digest).simple().to_string()
+        };
+        let budget = crate::budget::Budget::new(cfg.requests_per_second, destination);
         Ok(Self {
             http,
             url: format!("{}{IDENTIFY_PATH}", cfg.base_url),
             token,
-            budget: crate::budget::Budget::new(cfg.requests_per_second),
+            budget,
         })
     }
 

@@ -13,10 +13,10 @@ use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
 /// arrives once audience `throttle.1` has sent one (both runs are then sending), and records
 /// when each call arrived.
 #[derive(Clone, Default)]
-struct Recorder {
-    arrivals: Arc<Mutex<Vec<(Instant, String, String)>>>,
-    throttle: Option<(&'static str, &'static str)>,
-    throttled_at: Arc<Mutex<Option<Instant>>>,
+pub struct Recorder {
+    pub arrivals: Arc<Mutex<Vec<(Instant, String, String)>>>,
+    pub throttle: Option<(&'static str, &'static str)>,
+    pub throttled_at: Arc<Mutex<Option<Instant>>>,
 }
 
 impl Respond for Recorder {
@@ -41,7 +41,7 @@ impl Respond for Recorder {
     }
 }
 
-async fn mock(r: &Recorder) -> MockServer {
+pub async fn mock(r: &Recorder) -> MockServer {
     let server = MockServer::start().await;
     Mock::given(wiremock::matchers::method("POST"))
         .respond_with(r.clone())
@@ -81,8 +81,7 @@ async fn two_runs_in_one_process_share_requests_per_second(pool: PgPool) {
     let w = worker_with(&pool, cfg);
     let (a, b) = tokio::join!(sync(&w, &auds[0]), sync(&w, &auds[1]));
     assert!(a.succeeded() && b.succeeded(), "{a:?} {b:?}");
-    let mut at: Vec<Instant> = rec.arrivals.lock().unwrap().iter().map(|a| a.0).collect();
-    at.sort();
+    let at = sorted_arrivals(&rec);
     assert_eq!(at.len(), 700);
     // Both runs sent all along (the budget is shared, not taken in turns).
     let arrivals = rec.arrivals.lock().unwrap().clone();
@@ -96,12 +95,7 @@ async fn two_runs_in_one_process_share_requests_per_second(pool: PgPool) {
         );
     }
     // Any 5 s window: at most 110 calls/s (10% over 100). Two budgets would allow 200.
-    let window = Duration::from_secs(5);
-    let mut most = 0;
-    for (i, start) in at.iter().enumerate() {
-        let n = at[i..].iter().take_while(|t| **t < *start + window).count();
-        most = most.max(n);
-    }
+    let most = most_in_5s(&at);
     assert!(most <= 550, "{most} calls in a 5 s window");
     let span = at[at.len() - 1] - at[0];
     assert!(span >= Duration::from_secs(6), "700 calls in {span:?}");
@@ -147,4 +141,20 @@ async fn a_429_seen_by_one_run_pauses_every_run_of_the_process(pool: PgPool) {
         even_before > 0,
         "the other run was sending when the 429 came"
     );
+}
+
+/// When each call arrived, in order.
+pub fn sorted_arrivals(rec: &Recorder) -> Vec<Instant> {
+    let mut at: Vec<Instant> = rec.arrivals.lock().unwrap().iter().map(|a| a.0).collect();
+    at.sort();
+    at
+}
+
+/// The most calls that arrived within any 5 s window.
+pub fn most_in_5s(at: &[Instant]) -> usize {
+    let window = Duration::from_secs(5);
+    (0..at.len())
+        .map(|i| at[i..].iter().take_while(|t| **t < at[i] + window).count())
+        .max()
+        .unwrap_or(0)
 }

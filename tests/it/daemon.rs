@@ -568,3 +568,72 @@ async fn a_held_audience_waits_for_its_source_or_a_release_over_the_api(pool: Pg
     let (_, last) = received(&server).await;
     assert_eq!(last.values().filter(|v| !**v).count(), 120);
 }
+
+const ODD_EVEN: &str = "[[audience]]\nname = \"Odd\"\n\
+     query = \"SELECT id AS user_id FROM shop_users WHERE id % 2 = 1\"\n\
+     [[audience]]\nname = \"Even\"\n\
+     query = \"SELECT id AS user_id FROM shop_users WHERE id % 2 = 0\"\n";
+
+/// Two daemons (one run slot each) running one audience each, against `rec`'s mock; returns
+/// once both audiences synced and both daemons stopped.
+async fn two_replicas(pool: &PgPool, rec: &crate::budget::Recorder, rate: u32) {
+    let server = crate::budget::mock(rec).await;
+    let cfg = config(ODD_EVEN)
+        .replace(
+            "requests_per_second = 0",
+            &format!("requests_per_second = {rate}"),
+        )
+        .replace("[daemon]", "[daemon]\nmax_concurrent_runs = 1");
+    let d = Daemons::new(pool, &server.uri(), &cfg);
+    let mut children = vec![d.start("a"), d.start("b")];
+    until(60, "both audiences synced", || async {
+        count(pool, "SELECT count(*) FROM runs WHERE status = 'succeeded'").await == 2
+    })
+    .await;
+    for c in &mut children {
+        stop(c).await;
+    }
+    let owners = count(pool, "SELECT count(DISTINCT owner) FROM runs").await;
+    assert_eq!(owners, 2, "each replica ran one audience");
+}
+
+#[sqlx::test]
+async fn two_daemons_share_requests_per_second_through_the_database(pool: PgPool) {
+    seed(&pool, 700, 700).await;
+    let rec = crate::budget::Recorder::default();
+    two_replicas(&pool, &rec, 100).await;
+    let at = crate::budget::sorted_arrivals(&rec);
+    assert_eq!(at.len(), 700);
+    // Two replicas with a budget each would send 200 a second.
+    let most = crate::budget::most_in_5s(&at);
+    assert!(most <= 550, "{most} calls in a 5 s window");
+}
+
+#[sqlx::test]
+async fn a_429_seen_by_one_daemon_pauses_the_other(pool: PgPool) {
+    seed(&pool, 600, 600).await;
+    let rec = crate::budget::Recorder {
+        throttle: Some(("odd", "even")),
+        ..Default::default()
+    };
+    two_replicas(&pool, &rec, 0).await;
+    let t = rec.throttled_at.lock().unwrap().expect("the 429 was sent");
+    let arrivals = rec.arrivals.lock().unwrap().clone();
+    // The other replica hears of the pause within two heartbeats (0.4 s); from then on
+    // nothing is sent, by either, until Retry-After (2 s) has passed.
+    let during: Vec<_> = arrivals
+        .iter()
+        .filter(|(at, _, _)| {
+            *at > t + Duration::from_millis(700) && *at < t + Duration::from_millis(1900)
+        })
+        .collect();
+    assert!(during.is_empty(), "calls during the pause: {during:?}");
+    let even_after = arrivals
+        .iter()
+        .filter(|(at, k, _)| k == "even" && *at >= t + Duration::from_secs(2))
+        .count();
+    assert!(
+        even_after > 0,
+        "the other replica had calls left after the pause"
+    );
+}
