@@ -277,6 +277,7 @@ async fn cmd_run(cli: &Cli, env: &EnvOverrides, args: &RunArgs) -> Result<i32> {
     let mut worker = worker(&cfg, pool.clone())?;
     // A daemon logs progress; bars are for people watching a CLI command.
     worker.progress = false;
+    share_budget(&worker);
     crate::scheduler::run(cfg, env.clone(), pool, stored, worker, args.listen.clone()).await?;
     Ok(0)
 }
@@ -311,6 +312,9 @@ async fn cmd_sync(cli: &Cli, env: &EnvOverrides, args: &SyncArgs) -> Result<i32>
         );
     }
     let worker = worker(&cfg, pool)?;
+    if !args.dry_run {
+        share_budget(&worker);
+    }
     let opts = RunOptions {
         allow_removals: args.allow_removals,
         ..RunOptions::manual(args.dry_run)
@@ -338,6 +342,7 @@ async fn cmd_retry(cli: &Cli, env: &EnvOverrides, args: &RetryArgs) -> Result<i3
         println!("{}: {requeued} rejected changes queued again", a.def.key);
     }
     let worker = worker(&cfg, pool)?;
+    share_budget(&worker);
     let reports = run_all(&worker, &[a], Mode::Sync, RunOptions::manual(false)).await;
     print_reports(cli, &reports);
     Ok(exit_code(&reports))
@@ -354,6 +359,9 @@ async fn cmd_resync(cli: &Cli, env: &EnvOverrides, args: &ResyncArgs) -> Result<
         .find(|a| a.def.key == key)
         .expect("validated above");
     let worker = worker(&cfg, pool)?;
+    if !args.dry_run {
+        share_budget(&worker);
+    }
     let opts = RunOptions {
         allow_removals: args.allow_removals,
         ..RunOptions::manual(args.dry_run)
@@ -417,10 +425,9 @@ async fn prepare_for_reading(cli: &Cli, cfg: &Config) -> Result<sqlx::PgPool> {
     }
 }
 
-/// Builds a worker from the config, and starts keeping its destination budget in step with
-/// the other replicas (`budget::coordinate`, for as long as the process runs).
+/// Builds a worker from the config.
 pub fn worker(cfg: &Config, pool: sqlx::PgPool) -> Result<Worker> {
-    let worker = Worker {
+    Ok(Worker {
         connect: crate::db::options(cfg.database_url()?)?,
         pool,
         client: WigzoClient::new(&cfg.wigzo)?,
@@ -429,14 +436,19 @@ pub fn worker(cfg: &Config, pool: sqlx::PgPool) -> Result<Worker> {
         owner: owner_id(),
         cancel: CancellationToken::new(),
         progress: true,
-    };
+    })
+}
+
+/// Keeps the worker's destination budget in step with the other replicas
+/// (`budget::coordinate`) for as long as the process runs. Only processes that send take a
+/// share: a dry run neither writes a heartbeat nor takes one.
+fn share_budget(worker: &Worker) {
     tokio::spawn(crate::budget::coordinate(
         worker.client.budget().clone(),
         worker.pool.clone(),
         worker.owner.clone(),
         CancellationToken::new(),
     ));
-    Ok(worker)
 }
 
 /// Runs the audiences one after another (each uses the full concurrency), stopping early on

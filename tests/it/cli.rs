@@ -158,6 +158,13 @@ query = "SELECT id AS user_id, email, id * 1.5 AS value FROM shop_users WHERE me
 async fn a_file_with_traits_only_syncs_them_by_flag_or_all_together(pool: PgPool) {
     seed(&pool, 10, 4).await;
     let server = wigzo_ok().await;
+    // A dry run sends nothing, so it takes no share of the destination budget either.
+    let o = run(&pool, TRAIT_ONLY, &server.uri(), &["sync", "--dry-run"]);
+    assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
+    assert_eq!(
+        scalar(&pool, "SELECT count(*) FROM destination_replicas").await,
+        0
+    );
     // `sync` with neither flag: every enabled audience and trait.
     let o = run(&pool, TRAIT_ONLY, &server.uri(), &["sync", "--json"]);
     assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
