@@ -326,14 +326,7 @@ async fn cmd_sync(cli: &Cli, env: &EnvOverrides, args: &SyncArgs) -> Result<i32>
 
 /// `retry`: rejected changes queued again, then a sync.
 async fn cmd_retry(cli: &Cli, env: &EnvOverrides, args: &RetryArgs) -> Result<i32> {
-    let cfg = load_config(cli, env)?;
-    let (key, kind) = args.which.get();
-    cfg.lookup(key, kind)?;
-    let (pool, stored) = prepare(&cfg).await?;
-    let a = stored
-        .iter()
-        .find(|a| a.def.key == key)
-        .expect("validated above");
+    let (cfg, pool, a) = prepare_one(cli, env, &args.which).await?;
     let requeued = crate::outbox::requeue_rejected(&pool, a.id, None)
         .await
         .context("cannot queue the rejected changes again")?;
@@ -343,21 +336,14 @@ async fn cmd_retry(cli: &Cli, env: &EnvOverrides, args: &RetryArgs) -> Result<i3
     }
     let worker = worker(&cfg, pool)?;
     share_budget(&worker);
-    let reports = run_all(&worker, &[a], Mode::Sync, RunOptions::manual(false)).await;
+    let reports = run_all(&worker, &[&a], Mode::Sync, RunOptions::manual(false)).await;
     print_reports(cli, &reports);
     Ok(exit_code(&reports))
 }
 
 /// `resync`: a full resync of one audience.
 async fn cmd_resync(cli: &Cli, env: &EnvOverrides, args: &ResyncArgs) -> Result<i32> {
-    let cfg = load_config(cli, env)?;
-    let (key, kind) = args.which.get();
-    cfg.lookup(key, kind)?;
-    let (pool, stored) = prepare(&cfg).await?;
-    let a = stored
-        .iter()
-        .find(|a| a.def.key == key)
-        .expect("validated above");
+    let (cfg, pool, a) = prepare_one(cli, env, &args.which).await?;
     let worker = worker(&cfg, pool)?;
     if !args.dry_run {
         share_budget(&worker);
@@ -366,9 +352,27 @@ async fn cmd_resync(cli: &Cli, env: &EnvOverrides, args: &ResyncArgs) -> Result<
         allow_removals: args.allow_removals,
         ..RunOptions::manual(args.dry_run)
     };
-    let reports = run_all(&worker, &[a], Mode::FullResync, opts).await;
+    let reports = run_all(&worker, &[&a], Mode::FullResync, opts).await;
     print_reports(cli, &reports);
     Ok(exit_code(&reports))
+}
+
+/// The config, the database and the one audience or trait `which` names: checked against the
+/// config file first, then stored with the others.
+async fn prepare_one(
+    cli: &Cli,
+    env: &EnvOverrides,
+    which: &OneKey,
+) -> Result<(Config, sqlx::PgPool, Audience)> {
+    let cfg = load_config(cli, env)?;
+    let (key, kind) = which.get();
+    cfg.lookup(key, kind)?;
+    let (pool, stored) = prepare(&cfg).await?;
+    let a = stored
+        .into_iter()
+        .find(|a| a.def.key == key)
+        .expect("validated above");
+    Ok((cfg, pool, a))
 }
 
 /// 0: every run succeeded; 3: the only runs that did not were held by the removal guard
