@@ -41,6 +41,24 @@ impl Respond for Recorder {
     }
 }
 
+impl Recorder {
+    /// Calls (of audience `key`, or of any) that arrived from `from` after the 429 until `to`
+    /// after it (`None`: the end).
+    pub fn after_429(&self, key: Option<&str>, from: Duration, to: Option<Duration>) -> usize {
+        let t = self.throttled_at.lock().unwrap().expect("the 429 was sent");
+        self.arrivals
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(at, k, _)| {
+                key.is_none_or(|key| key == k)
+                    && *at >= t + from
+                    && to.is_none_or(|to| *at < t + to)
+            })
+            .count()
+    }
+}
+
 pub async fn mock(r: &Recorder) -> MockServer {
     let server = MockServer::start().await;
     Mock::given(wiremock::matchers::method("POST"))
@@ -118,17 +136,10 @@ async fn a_429_seen_by_one_run_pauses_every_run_of_the_process(pool: PgPool) {
     let arrivals = rec.arrivals.lock().unwrap().clone();
     // Calls already on their way when the 429 was answered arrive just after it; then
     // nothing, from either run, until Retry-After has passed.
-    let quiet = arrivals
-        .iter()
-        .filter(|(at, _, _)| {
-            *at > t + Duration::from_millis(300) && *at < t + Duration::from_millis(1900)
-        })
-        .count();
+    let ms = Duration::from_millis;
+    let quiet = rec.after_429(None, ms(300), Some(ms(1900)));
     assert_eq!(quiet, 0, "calls made during the 2 s pause");
-    let even_after = arrivals
-        .iter()
-        .filter(|(at, k, _)| k == "even" && *at >= t + Duration::from_secs(2))
-        .count();
+    let even_after = rec.after_429(Some("even"), ms(2000), None);
     assert!(
         even_after > 0,
         "the other run had calls left after the pause"
